@@ -1,0 +1,113 @@
+"""Train a CycleGAN that harmonizes MRI slices between two scanner vendors.
+
+    python train.py -ex NAME --data_root DATASET [flags]           # one process: CPU, one GPU or MPS
+    python train.py @recipes/cpu.args -ex NAME --data_root DATASET  # the laptop recipe
+    torchrun --nproc_per_node=4 train.py -ex NAME ...               # several GPUs (or nodes)
+    python train.py -ex NAME ... --resume                           # continue from results/NAME/model/last.pth
+
+Writes results/NAME/{arguments.txt, dataset_info.json, loss/, model/, sample/}.
+"""
+import os
+import shutil
+import sys
+
+import torch
+
+from utils.arguments import ARCHITECTURE_FLAGS, parse_arguments, save_arguments
+from utils.device import pick_device
+from utils.distributed import setup_process_group, teardown_process_group
+from utils.errors import UserError, run_cli
+from utils.trainer import CycleGANTrainer
+
+MIN_FREE_BYTES = 200 * 1024 ** 2
+
+
+def check_writable(save_dir):
+    """Fail before training if the results folder cannot be created or written, or the disk is nearly full."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        probe = os.path.join(save_dir, f'.write_test_{os.getpid()}')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f'--save_dir {save_dir}: cannot write there ({error.strerror}); choose another --save_dir',
+                        exit_code=1) from None
+    free = shutil.disk_usage(save_dir).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f'--save_dir {save_dir}: only {free // 1024 ** 2} MiB free on that disk; free space or '
+                        'choose another --save_dir', exit_code=1)
+
+
+def load_resume_state(args, experiment_dir):
+    """model/last.pth of the experiment, checked against the flags that fix the networks' shapes."""
+    path = os.path.join(experiment_dir, 'model', 'last.pth')
+    if not os.path.exists(path):
+        raise UserError(f'--resume: {path} not found; train {args.experiment} from scratch (without --resume)')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise UserError(f'--resume: {path} cannot be loaded ({type(error).__name__}); '
+                        'it is not a training state written by train.py') from None
+    for flag in ARCHITECTURE_FLAGS:
+        if state['args'].get(flag) != getattr(args, flag):
+            raise UserError(f'--resume: --{flag} {getattr(args, flag)} differs from {state["args"].get(flag)} that '
+                            f'{args.experiment} was trained with; drop the flag or start a new experiment')
+    return state
+
+
+def prepare_experiment_dir(args, experiment_dir):
+    """Create results/NAME/ (emptied first with --overwrite); refuse to mix into an existing experiment."""
+    if os.path.exists(experiment_dir) and not args.resume:
+        if not args.overwrite:
+            raise UserError(f'{experiment_dir} already exists; pick another -ex name, pass --resume to continue it, '
+                            'or --overwrite to replace it')
+        shutil.rmtree(experiment_dir)
+    for sub in ('loss', 'model', 'sample'):
+        os.makedirs(os.path.join(experiment_dir, sub), exist_ok=True)
+    save_arguments(args, os.path.join(experiment_dir, 'arguments.txt'))
+    dataset_info = os.path.join(args.data_root, 'dataset_info.json')
+    if os.path.exists(dataset_info):
+        shutil.copyfile(dataset_info, os.path.join(experiment_dir, 'dataset_info.json'))
+    else:
+        print(f'note: {dataset_info} not found: inference will leave outputs in the normalised [0, 1] scale')
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    process = setup_process_group(args.device)
+    try:
+        device = pick_device(args.device)
+        if device.type == 'cuda':
+            device = torch.device('cuda', process.local_rank)
+            torch.backends.cudnn.benchmark = True
+        experiment_dir = os.path.join(args.save_dir, args.experiment)
+        if process.is_main:
+            check_writable(args.save_dir)
+        state = load_resume_state(args, experiment_dir) if args.resume else None
+
+        trainer = CycleGANTrainer(args, device, experiment_dir, process)
+        if state is not None:
+            trainer.load_state(state)
+        if process.is_main:
+            prepare_experiment_dir(args, experiment_dir)
+            print(f'training on {device} ({process.world_size} process{"es" if process.distributed else ""}): '
+                  f'{len(trainer.train_set)} train / {len(trainer.eval_set)} eval slices of '
+                  f'{trainer.train_set.image_size[0]}x{trainer.train_set.image_size[1]}, '
+                  f'epochs {trainer.start_epoch}..{args.total_epoch}')
+        try:
+            last_epoch = trainer.fit()
+        except KeyboardInterrupt:
+            if process.is_main:
+                print(f'\ninterrupted: {experiment_dir}/model/last.pth holds the last finished epoch; '
+                      'continue with the same command and --resume', file=sys.stderr)
+            sys.exit(130)
+        if process.is_main:
+            print(f'done after epoch {last_epoch}: results in {experiment_dir}/ '
+                  f'(loss/loss.csv, loss/loss.png, model/, sample/)')
+    finally:
+        teardown_process_group()
+
+
+if __name__ == '__main__':
+    run_cli(main)

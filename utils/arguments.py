@@ -1,0 +1,139 @@
+"""Command-line flags of train.py, their checks, and the machine-readable copy kept with each experiment."""
+import argparse
+import json
+import os
+
+from utils.errors import UserError
+
+
+class _ArgsFileParser(argparse.ArgumentParser):
+    """Reads `@file` arguments one flag per line (`--ngf 32`), skipping blank lines and # comments."""
+
+    def convert_arg_line_to_args(self, line):
+        line = line.split('#', 1)[0].strip()
+        return line.split() if line else []
+
+    def error(self, message):
+        raise UserError(f'{self.prog}: {message} (see --help)')
+
+
+def build_parser():
+    parser = _ArgsFileParser(
+        prog='train.py', fromfile_prefix_chars='@',
+        description='Train a CycleGAN that harmonizes MRI slices between two scanner vendors.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('-ex', '--experiment', required=True, help='experiment name: results go to SAVE_DIR/EXPERIMENT')
+    parser.add_argument('--data_root', default='./dataset/Harmonization_dataset',
+                        help='folder holding trainset/ and evalset/ slice pickles')
+    parser.add_argument('--vendor1', default='SIEMENS', help='vendor A: the key of its images in the pickles')
+    parser.add_argument('--vendor2', default='Philips', help='vendor B: the key of its images in the pickles')
+    parser.add_argument('--save_dir', default='./results', help='results root')
+
+    train = parser.add_argument_group('training')
+    train.add_argument('--total_epoch', type=int, default=50, help='number of epochs (full passes over trainset)')
+    train.add_argument('--batch_size', type=int, default=16, help='slices per optimizer step (per process under torchrun)')
+    train.add_argument('--learning_rate', type=float, default=2e-4, help='Adam learning rate of all four networks')
+    train.add_argument('--decay_epoch', type=int, default=4,
+                       help='learning rate is constant up to this epoch, then decays linearly to 0 at the last epoch')
+    train.add_argument('--adv_weight', type=float, default=1.0, help='weight of the adversarial loss')
+    train.add_argument('--ccl_weight', type=float, default=5.0, help='weight of the cycle-consistency L1 loss')
+    train.add_argument('--identity_weight', type=float, default=1.0, help='weight of the identity L1 loss')
+    train.add_argument('--oml_weight', type=float, default=5.0, help='weight of the original-matching (paired) L1 loss')
+    train.add_argument('--warmup_epochs', type=float, default=0.0,
+                       help='epochs at the start trained with the paired (oml) loss only; adversarial, cycle and '
+                            'identity terms are off (not computed) during the warm-up')
+    train.add_argument('--rampup_epochs', type=float, default=0.0,
+                       help='after the warm-up, epochs over which those terms ramp linearly to their full weight')
+    train.add_argument('--real_label', type=float, default=1.0,
+                       help='target of "real" in the adversarial losses (below 1 is one-sided label smoothing)')
+    train.add_argument('--lower_bound', type=float, default=0.1,
+                       help='fraction of each subject\'s slices (in slice order) skipped at the start')
+    train.add_argument('--upper_bound', type=float, default=0.9,
+                       help='fraction of each subject\'s slices (in slice order) where the kept range ends')
+    train.add_argument('--random_seed', type=int, default=42, help='seed of all random generators')
+    train.add_argument('--max_minutes', type=float, default=None,
+                       help='train for this many minutes of training-step time: the epoch schedule (LR decay, '
+                            'warm-up) is stretched over this time and training stops when it is spent')
+
+    model = parser.add_argument_group('networks')
+    model.add_argument('--ngf', type=int, default=64, help='generator width (filters of the first conv)')
+    model.add_argument('--n_res_blocks', type=int, default=9, help='generator depth (residual blocks)')
+    model.add_argument('--ndf', type=int, default=64, help='discriminator width')
+
+    run = parser.add_argument_group('logging and running')
+    run.add_argument('--save_freq', type=int, default=1, help='save checkpoints every N epochs (the last is always saved)')
+    run.add_argument('--log_freq', type=int, default=200, help='print the loss terms every N iterations')
+    run.add_argument('--sample_save_freq', type=int, default=100, help='save a sample grid every N iterations')
+    run.add_argument('--num_workers', type=int, default=1, help='DataLoader worker processes')
+    run.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto', help='where to train')
+    run.add_argument('--amp', action='store_true',
+                     help='mixed precision: bfloat16 autocast on CPU and recent GPUs, float16 with a grad scaler on older GPUs')
+    run.add_argument('--channels_last', action='store_true', help='channels-last memory format (faster convs on GPU)')
+    run.add_argument('--compile', action='store_true', help='torch.compile the networks (GPU; slow to start)')
+    run.add_argument('--overwrite', action='store_true', help='replace an existing experiment folder of the same name')
+    run.add_argument('--resume', action='store_true', help='continue the experiment from its model/last.pth')
+    run.add_argument('--debug', action='store_true', help='show full tracebacks')
+    return parser
+
+
+def check_arguments(args):
+    """Reject flag values that cannot work, naming the flag and the fix."""
+    if args.total_epoch < 1:
+        raise UserError('--total_epoch must be at least 1')
+    if args.total_epoch <= args.decay_epoch:
+        raise UserError(f'--total_epoch ({args.total_epoch}) must be above --decay_epoch ({args.decay_epoch}): '
+                        'the learning rate decays between them')
+    if args.decay_epoch < 0:
+        raise UserError('--decay_epoch must be 0 or more')
+    if args.batch_size < 1:
+        raise UserError('--batch_size must be at least 1')
+    if not args.learning_rate > 0:
+        raise UserError('--learning_rate must be positive')
+    if not 0 <= args.lower_bound < args.upper_bound <= 1:
+        raise UserError(f'--lower_bound ({args.lower_bound}) and --upper_bound ({args.upper_bound}) are fractions of '
+                        'each subject\'s slices and need 0 <= lower < upper <= 1')
+    for name in ('adv_weight', 'ccl_weight', 'identity_weight', 'oml_weight', 'warmup_epochs', 'rampup_epochs'):
+        if getattr(args, name) < 0:
+            raise UserError(f'--{name} must be 0 or more')
+    if not 0 < args.real_label <= 1:
+        raise UserError('--real_label must be in (0, 1]')
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise UserError('--max_minutes must be positive')
+    for name in ('ngf', 'n_res_blocks', 'ndf', 'save_freq', 'log_freq', 'sample_save_freq'):
+        if getattr(args, name) < (0 if name == 'n_res_blocks' else 1):
+            raise UserError(f'--{name} must be positive')
+    if args.num_workers < 0:
+        raise UserError('--num_workers must be 0 or more')
+    if args.vendor1 == args.vendor2:
+        raise UserError('--vendor1 and --vendor2 must differ')
+    if args.overwrite and args.resume:
+        raise UserError('--overwrite and --resume contradict each other; pass one')
+    return args
+
+
+def parse_arguments(argv=None):
+    return check_arguments(build_parser().parse_args(argv))
+
+
+# Flags that fix the networks' shapes: a resumed run must keep them.
+ARCHITECTURE_FLAGS = ('ngf', 'n_res_blocks', 'ndf', 'vendor1', 'vendor2')
+
+
+def save_arguments(args, path):
+    """Write every flag and value as JSON (readable by people and by inference_nii.py)."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(vars(args), f, indent=2, sort_keys=True)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def load_arguments(path):
+    """The flags an experiment was trained with, as a dict."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f'{path} not found: is this a folder written by train.py? (check --experiment/--save_dir)') from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f'{path} is not the JSON that train.py writes; re-create it or retrain') from None

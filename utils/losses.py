@@ -1,0 +1,99 @@
+"""The CycleGAN's losses as functions of the images and the networks, and their weights over training.
+
+Generator loss = adv * Adversarial + ccl * Cycle + identity * Identity + oml * Matching, where
+  Adversarial = BCE(D_B(G_AB(A)), real) + BCE(D_A(G_BA(B)), real)
+  Cycle       = |G_BA(G_AB(A)) - A| + |G_AB(G_BA(B)) - B|
+  Identity    = |G_AB(B) - B| + |G_BA(A) - A|
+  Matching    = |G_AB(A) - B| + |G_BA(B) - A|          (the paired, "original matching" term)
+Each discriminator: BCE(D(real), real) + BCE(D(fake.detach()), 0).
+A term whose weight is zero costs nothing: its generator passes are not run.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TERMS = ('Adversarial', 'Cycle', 'Identity', 'Matching')
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    adv: float
+    ccl: float
+    identity: float
+    oml: float
+
+    def weighted_total(self, terms):
+        return (self.adv * terms['Adversarial'] + self.ccl * terms['Cycle']
+                + self.identity * terms['Identity'] + self.oml * terms['Matching'])
+
+
+def full_weights(args):
+    return LossWeights(args.adv_weight, args.ccl_weight, args.identity_weight, args.oml_weight)
+
+
+def scheduled_weights(args, epoch_progress):
+    """Weights at a point of training (fractional epochs done). During --warmup_epochs only the paired
+    term is on; the other terms then ramp linearly to full weight over --rampup_epochs."""
+    full = full_weights(args)
+    if epoch_progress < args.warmup_epochs:
+        ramp = 0.0
+    elif args.rampup_epochs > 0:
+        ramp = min(1.0, (epoch_progress - args.warmup_epochs) / args.rampup_epochs)
+    else:
+        ramp = 1.0
+    return LossWeights(full.adv * ramp, full.ccl * ramp, full.identity * ramp, full.oml)
+
+
+def _bce_to(logits, target):
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def _l1(a, b):
+    return F.l1_loss(a.float(), b.float())
+
+
+def _run(generator, *batches):
+    """One generator pass over several batches at once (instance norm is per image, so this equals
+    separate passes), split back into the batches."""
+    if len(batches) == 1:
+        return (generator(batches[0]),)
+    return torch.split(generator(torch.cat(batches)), [b.shape[0] for b in batches])
+
+
+def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1.0):
+    """Loss terms of one batch (unweighted, each a scalar tensor) and the fakes (None when not needed).
+
+    Runs each needed generator pass once: A->B and B->A fakes (with the identity passes batched
+    into the same call), then the cycles.
+    """
+    zero = real_A.new_zeros((), dtype=torch.float32)
+    terms = dict.fromkeys(TERMS, zero)
+    need_fakes = bool(weights.adv or weights.ccl or weights.oml)
+    fake_A = fake_B = None
+    if need_fakes and weights.identity:
+        fake_B, same_B = _run(G_AB, real_A, real_B)
+        fake_A, same_A = _run(G_BA, real_B, real_A)
+    elif need_fakes:
+        fake_B, = _run(G_AB, real_A)
+        fake_A, = _run(G_BA, real_B)
+    elif weights.identity:
+        same_B, = _run(G_AB, real_B)
+        same_A, = _run(G_BA, real_A)
+    if weights.identity:
+        terms['Identity'] = _l1(same_B, real_B) + _l1(same_A, real_A)
+    if weights.adv:
+        terms['Adversarial'] = _bce_to(D_B(fake_B), real_label) + _bce_to(D_A(fake_A), real_label)
+    if weights.ccl:
+        terms['Cycle'] = _l1(G_BA(fake_B), real_A) + _l1(G_AB(fake_A), real_B)
+    if weights.oml:
+        terms['Matching'] = _l1(fake_B, real_B) + _l1(fake_A, real_A)
+    return terms, fake_A, fake_B
+
+
+def discriminator_loss(D, real, fake, real_label=1.0):
+    """BCE(D(real), real) + BCE(D(fake), 0), fakes detached, both halves in one pass."""
+    logits = D(torch.cat([real, fake.detach()]))
+    logits_real, logits_fake = torch.split(logits, [real.shape[0], fake.shape[0]])
+    return _bce_to(logits_real, real_label) + _bce_to(logits_fake, 0.0)

@@ -1,0 +1,64 @@
+"""SSIM and PSNR as skimage.metrics computes them, on images scaled to [0, 1] (data_range=1)."""
+import math
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+
+def to_unit_range(images):
+    """Network images in [-1, 1] (tensor, any leading dims) -> float64 numpy in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    return np.clip((np.asarray(images, dtype=np.float64) + 1) / 2, 0, 1)
+
+
+def ssim(prediction, target):
+    """SSIM of two 2-D images in [0, 1]."""
+    return structural_similarity(prediction, target, data_range=1.0)
+
+
+def psnr(prediction, target):
+    """PSNR in dB of two images in [0, 1] (inf when identical)."""
+    return peak_signal_noise_ratio(target, prediction, data_range=1.0)
+
+
+class SetMetrics:
+    """Accumulates SSIM and PSNR over a whole set of slices.
+
+    SSIM is the mean of the per-slice SSIMs; PSNR comes from the mean squared error over every pixel of
+    the set (it equals skimage's PSNR of all slices stacked), so one empty slice cannot make it infinite.
+    Sums are kept so that processes under torchrun can add theirs together.
+    """
+
+    def __init__(self):
+        self.ssim_sum = 0.0
+        self.slices = 0
+        self.squared_error_sum = 0.0
+        self.pixels = 0
+
+    def update(self, prediction, target):
+        """Add a batch of network outputs and targets, tensors (N, 1, H, W) in [-1, 1]."""
+        prediction, target = to_unit_range(prediction), to_unit_range(target)
+        for p, t in zip(prediction.reshape(-1, *prediction.shape[-2:]), target.reshape(-1, *target.shape[-2:])):
+            self.ssim_sum += ssim(p, t)
+            self.slices += 1
+        self.squared_error_sum += float(np.sum((prediction - target) ** 2))
+        self.pixels += prediction.size
+
+    def as_tensor(self):
+        return torch.tensor([self.ssim_sum, self.slices, self.squared_error_sum, self.pixels], dtype=torch.float64)
+
+    def add_tensor(self, sums):
+        self.ssim_sum, self.slices, self.squared_error_sum, self.pixels = (float(v) for v in sums)
+
+    @property
+    def ssim(self):
+        return self.ssim_sum / self.slices if self.slices else float('nan')
+
+    @property
+    def psnr(self):
+        if not self.pixels:
+            return float('nan')
+        mse = self.squared_error_sum / self.pixels
+        return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)

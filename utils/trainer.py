@@ -1,0 +1,345 @@
+"""CycleGANTrainer: two generators and two discriminators trained on paired vendor slices.
+
+Reads as: build, then for each epoch `train_epoch` and `eval_epoch`; each batch is one `step`
+whose losses come from utils.losses.generator_losses.
+"""
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from dataset.dataset import Paired_Dataset
+from model.discriminator import Discriminator
+from model.generator import Generator
+from utils import results
+from utils.checkpoint import (atomic_save, discriminator_filename, generator_filename, plain_state_dict,
+                              vendor_tags)
+from utils.device import autocast, autocast_dtype
+from utils.distributed import ProcessGroupInfo, ShardSampler, all_reduce_sum
+from utils.errors import UserError
+from utils.losses import TERMS, discriminator_loss, full_weights, generator_losses, scheduled_weights
+from utils.metrics import SetMetrics
+
+NETWORKS = ('G_AB', 'G_BA', 'D_A', 'D_B')
+
+
+def lr_factor(epoch_progress, decay_epoch, total_epoch):
+    """1 until decay_epoch (fractional epochs done), then linear to 0 at total_epoch."""
+    if epoch_progress <= decay_epoch:
+        return 1.0
+    return max(0.0, 1.0 - (epoch_progress - decay_epoch) / (total_epoch - decay_epoch))
+
+
+def init_weights(module):
+    """N(0, 0.02) convolution weights, as the reference CycleGAN."""
+    if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+        torch.nn.init.normal_(module.weight, 0.0, 0.02)
+        torch.nn.init.zeros_(module.bias)
+
+
+def set_requires_grad(networks, flag):
+    for network in networks:
+        for parameter in network.parameters():
+            parameter.requires_grad_(flag)
+
+
+def rng_state(shuffle_generator):
+    numpy_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(), 'shuffle': shuffle_generator.get_state(),
+            'numpy': [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
+
+
+def set_rng_state(state, shuffle_generator):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    shuffle_generator.set_state(state['shuffle'])
+    kind, keys, *rest = state['numpy']
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+class CycleGANTrainer:
+    def __init__(self, args, device, experiment_dir, process=None):
+        self.args, self.device, self.experiment_dir = args, device, experiment_dir
+        self.process = process or ProcessGroupInfo()
+        self.vendor_A, self.vendor_B = args.vendor1, args.vendor2
+        self.tags = vendor_tags(args.vendor1, args.vendor2)
+        self.model_dir = os.path.join(experiment_dir, 'model')
+        self.loss_csv = os.path.join(experiment_dir, 'loss', 'loss.csv')
+        self.amp = args.amp
+        if self.amp:
+            autocast_dtype(device)  # raises a UserError where there is no reduced precision
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+        random.seed(args.random_seed)
+        np.random.seed(args.random_seed)
+        torch.manual_seed(args.random_seed)
+        self._build_data()
+        self._build_networks()
+        self.start_epoch = 1
+        self.best = {}  # direction -> {'epoch': N, 'ssim': value}
+        self.train_seconds = 0.0
+
+    # ---- build -------------------------------------------------------------------------------
+    def _build_data(self):
+        args, process = self.args, self.process
+        common = dict(data_root=args.data_root, vendor1=args.vendor1, vendor2=args.vendor2,
+                      lower_bound=args.lower_bound, upper_bound=args.upper_bound, progress=process.is_main)
+        self.train_set = Paired_Dataset(split='trainset', **common)
+        self.eval_set = Paired_Dataset(split='evalset', **common)
+        if self.train_set.image_size != self.eval_set.image_size:
+            raise UserError(f'{args.data_root}: trainset slices are {self.train_set.image_size} but evalset slices '
+                            f'are {self.eval_set.image_size}; regenerate the dataset with one --image_size')
+        self.shuffle_generator = torch.Generator().manual_seed(args.random_seed)
+        if process.distributed:
+            self.train_sampler = DistributedSampler(self.train_set, process.world_size, process.rank,
+                                                    shuffle=True, seed=args.random_seed)
+        else:
+            self.train_sampler = RandomSampler(self.train_set, generator=self.shuffle_generator)
+        loader = dict(batch_size=args.batch_size, num_workers=args.num_workers,
+                      pin_memory=self.device.type == 'cuda', persistent_workers=args.num_workers > 0)
+        self.train_loader = DataLoader(self.train_set, sampler=self.train_sampler, **loader)
+        self.eval_loader = DataLoader(self.eval_set, **loader,
+                                      sampler=ShardSampler(len(self.eval_set), process.rank, process.world_size))
+
+    def _build_networks(self):
+        args = self.args
+        self.nets = {
+            'G_AB': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks),
+            'G_BA': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks),
+            'D_A': Discriminator(ndf=args.ndf),
+            'D_B': Discriminator(ndf=args.ndf),
+        }
+        for net in self.nets.values():
+            net.apply(init_weights)
+            net.to(self.device, memory_format=self.memory_format)
+        # The networks each step calls: compiled and/or wrapped for DDP. self.nets keeps the plain modules,
+        # which evaluation, samples, checkpoints and the generator step's discriminator calls use.
+        self.train_nets = dict(self.nets)
+        if args.compile:
+            self.train_nets = {name: torch.compile(net) for name, net in self.train_nets.items()}
+        if self.process.distributed:
+            device_ids = [self.device.index] if self.device.type == 'cuda' else None
+            self.train_nets = {name: DistributedDataParallel(net, device_ids=device_ids)
+                               for name, net in self.train_nets.items()}
+        betas = (0.5, 0.999)
+        self.optimizer_G = torch.optim.Adam(list(self.nets['G_AB'].parameters()) + list(self.nets['G_BA'].parameters()),
+                                            lr=args.learning_rate, betas=betas)
+        self.optimizer_D = torch.optim.Adam(list(self.nets['D_A'].parameters()) + list(self.nets['D_B'].parameters()),
+                                            lr=args.learning_rate, betas=betas)
+        fp16 = self.amp and autocast_dtype(self.device) == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+
+    # ---- state -------------------------------------------------------------------------------
+    def state(self, epoch):
+        """Everything needed to continue exactly after `epoch`."""
+        return {
+            'epoch': epoch,
+            'networks': {name: plain_state_dict(net) for name, net in self.nets.items()},
+            'optimizer_G': self.optimizer_G.state_dict(),
+            'optimizer_D': self.optimizer_D.state_dict(),
+            'scaler': self.scaler.state_dict(),
+            'best': self.best,
+            'train_seconds': self.train_seconds,
+            'rng': rng_state(self.shuffle_generator),
+            'args': vars(self.args),
+        }
+
+    def load_state(self, state):
+        for name, net in self.nets.items():
+            net.load_state_dict(state['networks'][name])
+        self.optimizer_G.load_state_dict(state['optimizer_G'])
+        self.optimizer_D.load_state_dict(state['optimizer_D'])
+        self.scaler.load_state_dict(state['scaler'])
+        self.best = state['best']
+        self.train_seconds = state['train_seconds']
+        set_rng_state(state['rng'], self.shuffle_generator)
+        self.start_epoch = state['epoch'] + 1
+
+    # ---- training ----------------------------------------------------------------------------
+    def epoch_progress(self, epoch, iteration):
+        """Fractional epochs done: by iterations, or by time spent when --max_minutes is set."""
+        if self.args.max_minutes:
+            return self.args.total_epoch * self.train_seconds / (60 * self.args.max_minutes)
+        return epoch - 1 + iteration / len(self.train_loader)
+
+    def time_is_up(self):
+        return bool(self.args.max_minutes) and self.train_seconds >= 60 * self.args.max_minutes
+
+    def _to_device(self, batch):
+        return [x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for x in batch]
+
+    def step(self, real_A, real_B, weights):
+        """One optimizer step of the generators, then of the discriminators on the same (detached) fakes."""
+        nets, plain = self.train_nets, self.nets
+        set_requires_grad([plain['D_A'], plain['D_B']], False)
+        with autocast(self.device, self.amp):
+            terms, fake_A, fake_B = generator_losses(real_A, real_B, nets['G_AB'], nets['G_BA'],
+                                                     plain['D_A'], plain['D_B'], weights, self.args.real_label)
+            loss_G = weights.weighted_total(terms)
+        self.optimizer_G.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_G).backward()
+        self.scaler.step(self.optimizer_G)
+        loss_D = torch.zeros((), device=self.device)
+        if weights.adv:
+            set_requires_grad([plain['D_A'], plain['D_B']], True)
+            with autocast(self.device, self.amp):
+                loss_D = (discriminator_loss(nets['D_A'], real_A, fake_A, self.args.real_label)
+                          + discriminator_loss(nets['D_B'], real_B, fake_B, self.args.real_label))
+            self.optimizer_D.zero_grad(set_to_none=True)
+            self.scaler.scale(loss_D).backward()
+            self.scaler.step(self.optimizer_D)
+        self.scaler.update()
+        return loss_G.detach(), terms, loss_D.detach() / 2, fake_A, fake_B
+
+    def _set_learning_rate(self, progress):
+        lr = self.args.learning_rate * lr_factor(progress, self.args.decay_epoch, self.args.total_epoch)
+        for optimizer in (self.optimizer_G, self.optimizer_D):
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+        return lr
+
+    def train_epoch(self, epoch):
+        """One pass over the training set (cut short when --max_minutes runs out); mean loss terms."""
+        for net in self.nets.values():
+            net.train()
+        if self.process.distributed:
+            self.train_sampler.set_epoch(epoch)
+        sums = torch.zeros(len(TERMS) + 3, device=self.device, dtype=torch.float64)
+        bar = tqdm(self.train_loader, desc=f'epoch {epoch}/{self.args.total_epoch} train', unit='batch',
+                   disable=not self.process.is_main, leave=False, dynamic_ncols=True)
+        for iteration, (real_A, real_B) in enumerate(bar):
+            started = time.perf_counter()
+            progress = self.epoch_progress(epoch, iteration)
+            lr = self._set_learning_rate(progress)
+            weights = scheduled_weights(self.args, progress)
+            real_A, real_B = self._to_device((real_A, real_B))
+            loss_G, terms, loss_D, fake_A, fake_B = self.step(real_A, real_B, weights)
+            batch = real_A.shape[0]
+            sums[:-1] += torch.stack([loss_G + loss_D, *(terms[t] for t in TERMS), loss_D]).double() * batch
+            sums[-1] += batch
+            if (iteration + 1) % self.args.log_freq == 0 or iteration == 0:
+                self._check_finite(sums, epoch, iteration)
+                if self.process.is_main:
+                    means = (sums[:-1] / sums[-1]).tolist()
+                    tqdm.write(f'epoch {epoch} iter {iteration + 1}/{len(self.train_loader)}  lr {lr:.2e}  '
+                               + '  '.join(f'{name} {value:.4f}' for name, value in
+                                           zip(('Total', *TERMS, 'Discriminator'), means)))
+            if self.process.is_main and iteration % self.args.sample_save_freq == 0:
+                self.save_samples(real_A, real_B, os.path.join(self.experiment_dir, 'sample', f'epoch_{epoch}',
+                                                               f'iter_{iteration}.png'))
+            self.train_seconds += time.perf_counter() - started
+            if self.time_is_up():
+                break
+        all_reduce_sum(sums)
+        self._check_finite(sums, epoch, len(self.train_loader))
+        return dict(zip(('Total', *TERMS, 'Discriminator'), (sums[:-1] / sums[-1]).tolist()))
+
+    def _check_finite(self, sums, epoch, iteration):
+        if not torch.isfinite(sums).all():
+            last = os.path.join(self.model_dir, 'last.pth')
+            raise UserError(f'training diverged (a loss is NaN/inf) in epoch {epoch} by iteration {iteration + 1}; '
+                            f'the last good state is {last} (epoch {epoch - 1}); '
+                            'lower --learning_rate or drop --amp and --resume', exit_code=1)
+
+    @torch.no_grad()
+    def save_samples(self, real_A, real_B, path):
+        """Grid of A, A->B, A->B->A, B, B->A, B->A->B for up to 4 slices of a batch."""
+        real_A, real_B = real_A[:4], real_B[:4]
+        G_AB, G_BA = self.nets['G_AB'], self.nets['G_BA']
+        with autocast(self.device, self.amp):
+            fake_B, fake_A = G_AB(real_A), G_BA(real_B)
+            columns = [real_A, fake_B, G_BA(fake_B), real_B, fake_A, G_AB(fake_A)]
+        a, b = self.vendor_A, self.vendor_B
+        titles = [a, f'{a}→\n{b}', f'{a}→{b}\n→{a}', b, f'{b}→\n{a}', f'{b}→{a}\n→{b}']
+        results.save_sample_grid(columns, titles, path)
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def eval_epoch(self, epoch):
+        """Loss terms at full weight over the whole eval set, and SSIM/PSNR in both directions."""
+        for net in self.nets.values():
+            net.eval()
+        weights = full_weights(self.args)
+        sums = torch.zeros(len(TERMS) + 3, device=self.device, dtype=torch.float64)
+        metrics = {'A2B': SetMetrics(), 'B2A': SetMetrics()}
+        nets = self.nets
+        for real_A, real_B in tqdm(self.eval_loader, desc=f'epoch {epoch}/{self.args.total_epoch} eval',
+                                   unit='batch', disable=not self.process.is_main, leave=False, dynamic_ncols=True):
+            real_A, real_B = self._to_device((real_A, real_B))
+            with autocast(self.device, self.amp):
+                terms, fake_A, fake_B = generator_losses(real_A, real_B, nets['G_AB'], nets['G_BA'], nets['D_A'],
+                                                         nets['D_B'], weights, self.args.real_label)
+                if fake_A is None:
+                    fake_B, fake_A = nets['G_AB'](real_A), nets['G_BA'](real_B)
+                loss_D = torch.zeros((), device=self.device)
+                if weights.adv:
+                    loss_D = (discriminator_loss(nets['D_A'], real_A, fake_A, self.args.real_label)
+                              + discriminator_loss(nets['D_B'], real_B, fake_B, self.args.real_label)) / 2
+            batch = real_A.shape[0]
+            total = weights.weighted_total(terms) + loss_D
+            sums[:-1] += torch.stack([total, *(terms[t] for t in TERMS), loss_D]).double() * batch
+            sums[-1] += batch
+            metrics['A2B'].update(fake_B, real_B)
+            metrics['B2A'].update(fake_A, real_A)
+        all_reduce_sum(sums)
+        for direction, metric in metrics.items():
+            metric.add_tensor(all_reduce_sum(metric.as_tensor().to(self.device)).cpu())
+        losses = dict(zip(('Total', *TERMS, 'Discriminator'), (sums[:-1] / sums[-1]).tolist()))
+        return losses, metrics
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self):
+        args = self.args
+        if self.start_epoch > args.total_epoch:
+            raise UserError(f'{self.experiment_dir} already has {self.start_epoch - 1} epochs; '
+                            f'pass a --total_epoch above {self.start_epoch - 1} to train further')
+        for epoch in range(self.start_epoch, args.total_epoch + 1):
+            train_losses = self.train_epoch(epoch)
+            eval_losses, metrics = self.eval_epoch(epoch)
+            last = epoch == args.total_epoch or self.time_is_up()
+            if self.process.is_main:
+                self.record_epoch(epoch, train_losses, eval_losses, metrics, save_networks=last or epoch % args.save_freq == 0)
+            if last:
+                break
+        return epoch
+
+    def record_epoch(self, epoch, train_losses, eval_losses, metrics, save_networks):
+        """loss.csv row, loss.png, checkpoints of this epoch, the best generators, and model/last.pth."""
+        row = {'epoch': epoch}
+        row.update({f'Train {k}': v for k, v in train_losses.items()})
+        row.update({f'Eval {k}': v for k, v in eval_losses.items()})
+        for direction, metric in metrics.items():
+            row[f'Eval SSIM {direction}'] = metric.ssim
+            row[f'Eval PSNR {direction}'] = metric.psnr
+        table = results.append_epoch(self.loss_csv, row)
+        results.plot_losses(table, os.path.join(self.experiment_dir, 'loss', 'loss.png'))
+        a, b = self.vendor_A, self.vendor_B
+        generators = {'A2B': ('G_AB', a, b), 'B2A': ('G_BA', b, a)}
+        if save_networks:
+            for name, source, target in generators.values():
+                atomic_save(plain_state_dict(self.nets[name]),
+                            os.path.join(self.model_dir, generator_filename(self.tags, source, target, epoch)))
+            for name, vendor in (('D_A', a), ('D_B', b)):
+                atomic_save(plain_state_dict(self.nets[name]),
+                            os.path.join(self.model_dir, discriminator_filename(self.tags, vendor, epoch)))
+        for direction, (name, source, target) in generators.items():
+            value = metrics[direction].ssim
+            if math.isfinite(value) and value > self.best.get(direction, {}).get('ssim', -math.inf):
+                self.best[direction] = {'epoch': epoch, 'ssim': value, 'psnr': metrics[direction].psnr}
+                atomic_save(plain_state_dict(self.nets[name]),
+                            os.path.join(self.model_dir, generator_filename(self.tags, source, target, 'best')))
+        with open(os.path.join(self.model_dir, 'best.json.tmp'), 'w') as f:
+            json.dump(self.best, f, indent=2)
+        os.replace(os.path.join(self.model_dir, 'best.json.tmp'), os.path.join(self.model_dir, 'best.json'))
+        atomic_save(self.state(epoch), os.path.join(self.model_dir, 'last.pth'))
+        tqdm.write(f'epoch {epoch}: train Total {train_losses["Total"]:.4f}  eval Total {eval_losses["Total"]:.4f}  '
+                   f'SSIM {a}→{b} {metrics["A2B"].ssim:.4f}  PSNR {metrics["A2B"].psnr:.2f} dB  '
+                   f'SSIM {b}→{a} {metrics["B2A"].ssim:.4f}  PSNR {metrics["B2A"].psnr:.2f} dB')

@@ -62,3 +62,16 @@ class SetMetrics:
             return float('nan')
         mse = self.squared_error_sum / self.pixels
         return float('inf') if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def volume_metrics(prediction, reference, mask):
+    """SSIM, PSNR (dB) and MAE of two volumes in [0, 1], inside a boolean foreground mask.
+
+    SSIM is skimage's 3-D SSIM map (data_range=1) averaged over the mask; PSNR and MAE use the masked voxels.
+    """
+    _, ssim_map = structural_similarity(reference, prediction, data_range=1.0, full=True)
+    error = prediction[mask].astype(np.float64) - reference[mask]
+    mse = float(np.mean(error ** 2))
+    return {'SSIM': float(ssim_map[mask].mean()),
+            'PSNR': float('inf') if mse == 0 else 10 * math.log10(1.0 / mse),
+            'MAE': float(np.mean(np.abs(error)))}

@@ -1,0 +1,48 @@
+# make demo : venv, demo data, paired dataset, CPU-sized training, harmonized test volumes with metrics
+# make test : venv, then the test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEMO   := demo
+EXP    := demo
+TRAIN_MINUTES ?= 8
+
+.PHONY: venv test demo bench quality clean-demo
+
+# The marker is written only after a complete install, so a half-built venv is completed on the next run.
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest tests -q
+
+$(DEMO)/nifti/.complete: | venv
+	$(PY) dataset/make_demo_data.py --output_dir $(DEMO)/nifti --subjects 12 --overwrite
+	touch $@
+
+demo: venv $(DEMO)/nifti/.complete
+	$(PY) dataset/generate_paired_dataset.py --vendor1_dir $(DEMO)/nifti/SIEMENS --vendor2_dir $(DEMO)/nifti/Philips \
+		--output_dir $(DEMO)/dataset --split_ratio 0.8 --test_ratio 0.2 --overwrite
+	$(PY) train.py @recipes/cpu.args -ex $(EXP) --data_root $(DEMO)/dataset --max_minutes $(TRAIN_MINUTES) --overwrite
+	$(PY) inference_nii.py --experiment $(EXP) --epoch latest --src_vendor SIEMENS --trg_vendor Philips \
+		--input_dir $(DEMO)/dataset/testset/SIEMENS --reference_dir $(DEMO)/dataset/testset/Philips \
+		--output_dir results/$(EXP)/testset/SIEMENS_to_Philips --overwrite
+	@echo
+	@echo "loss curves:   results/$(EXP)/loss/loss.png"
+	@echo "sample grid:   $$(ls -d results/$(EXP)/sample/epoch_*/iter_0.png | sort -V | tail -n 1)"
+	@echo "previews:      $$(ls results/$(EXP)/testset/SIEMENS_to_Philips/previews/*.png | tr '\n' ' ')"
+	@echo "metrics table: results/$(EXP)/testset/SIEMENS_to_Philips/metrics.csv"
+
+bench: venv
+	$(PY) benchmarks/benchmark.py --quick
+
+quality: venv $(DEMO)/nifti/.complete
+	$(PY) benchmarks/quality.py --data_dir $(DEMO)/nifti --minutes 10 @recipes/cpu.args
+
+clean-demo:
+	rm -rf $(DEMO) results/$(EXP)

@@ -72,6 +72,8 @@ def build_parser():
     run.add_argument('--compile', action='store_true', help='torch.compile the networks (GPU; slow to start)')
     run.add_argument('--overwrite', action='store_true', help='replace an existing experiment folder of the same name')
     run.add_argument('--resume', action='store_true', help='continue the experiment from its model/last.pth')
+    run.add_argument('--stop_after_epoch', type=int, default=None,
+                     help='stop (and save) after this epoch, e.g. to fit a cluster time limit; continue with --resume')
     run.add_argument('--debug', action='store_true', help='show full tracebacks')
     return parser
 
@@ -102,6 +104,12 @@ def check_arguments(args):
     for name in ('ngf', 'n_res_blocks', 'ndf', 'save_freq', 'log_freq', 'sample_save_freq'):
         if getattr(args, name) < (0 if name == 'n_res_blocks' else 1):
             raise UserError(f'--{name} must be positive')
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise UserError('--stop_after_epoch must be at least 1')
+    if not (args.adv_weight or args.ccl_weight or args.identity_weight or args.oml_weight):
+        raise UserError('all loss weights are 0: nothing to train; set --oml_weight or another weight above 0')
+    if args.warmup_epochs > 0 and not args.oml_weight:
+        raise UserError('--warmup_epochs trains with the paired loss only, so it needs --oml_weight above 0')
     if args.num_workers < 0:
         raise UserError('--num_workers must be 0 or more')
     if args.vendor1 == args.vendor2:

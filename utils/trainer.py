@@ -173,6 +173,14 @@ class CycleGANTrainer:
     def time_is_up(self):
         return bool(self.args.max_minutes) and self.train_seconds >= 60 * self.args.max_minutes
 
+    def _sync_clock(self):
+        """Under torchrun with --max_minutes, every process follows the slowest one's clock, so all
+        take the same learning rate and loss weights and stop at the same iteration."""
+        if self.process.distributed and self.args.max_minutes:
+            clock = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(clock, op=torch.distributed.ReduceOp.MAX)
+            self.train_seconds = float(clock)
+
     def _to_device(self, batch):
         return [x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for x in batch]
 
@@ -217,6 +225,9 @@ class CycleGANTrainer:
                    disable=not self.process.is_main, leave=False, dynamic_ncols=True)
         for iteration, (real_A, real_B) in enumerate(bar):
             started = time.perf_counter()
+            self._sync_clock()
+            if self.time_is_up():
+                break
             progress = self.epoch_progress(epoch, iteration)
             lr = self._set_learning_rate(progress)
             weights = scheduled_weights(self.args, progress)
@@ -236,8 +247,6 @@ class CycleGANTrainer:
                 self.save_samples(real_A, real_B, os.path.join(self.experiment_dir, 'sample', f'epoch_{epoch}',
                                                                f'iter_{iteration}.png'))
             self.train_seconds += time.perf_counter() - started
-            if self.time_is_up():
-                break
         all_reduce_sum(sums)
         self._check_finite(sums, epoch, len(self.train_loader))
         return dict(zip(('Total', *TERMS, 'Discriminator'), (sums[:-1] / sums[-1]).tolist()))
@@ -304,12 +313,28 @@ class CycleGANTrainer:
         for epoch in range(self.start_epoch, args.total_epoch + 1):
             train_losses = self.train_epoch(epoch)
             eval_losses, metrics = self.eval_epoch(epoch)
-            last = epoch == args.total_epoch or self.time_is_up()
+            self._sync_clock()
+            last = epoch in (args.total_epoch, args.stop_after_epoch) or self.time_is_up()
             if self.process.is_main:
                 self.record_epoch(epoch, train_losses, eval_losses, metrics, save_networks=last or epoch % args.save_freq == 0)
             if last:
                 break
+        self.check_replicas_agree()
         return epoch
+
+    def check_replicas_agree(self):
+        """Under torchrun, confirm every process ends with the same weights (DDP keeps them in step)."""
+        if not self.process.distributed:
+            return
+        sums = torch.stack([p.detach().double().sum() for net in self.nets.values() for p in net.parameters()])
+        low, high = sums.clone(), sums.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise UserError('the processes ended with different weights; please report this with your torchrun command',
+                            exit_code=1)
+        if self.process.is_main:
+            print(f'network weights identical on all {self.process.world_size} processes')
 
     def record_epoch(self, epoch, train_losses, eval_losses, metrics, save_networks):
         """loss.csv row, loss.png, checkpoints of this epoch, the best generators, and model/last.pth."""

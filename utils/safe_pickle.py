@@ -18,7 +18,7 @@ _ALLOWED = {
     ('numpy', 'uint8'), ('numpy', 'int16'), ('numpy', 'uint16'), ('numpy', 'int32'), ('numpy', 'int64'),
     ('builtins', 'dict'), ('builtins', 'list'), ('builtins', 'tuple'), ('builtins', 'set'),
     ('builtins', 'frozenset'), ('builtins', 'bytearray'), ('collections', 'OrderedDict'),
-    ('codecs', 'encode'),  # numpy arrays pickled with protocol 2 store their bytes through codecs.encode
+    ('codecs', 'encode'), ('_codecs', 'encode'),  # protocol 2 stores array bytes through codecs.encode
 }
 
 

@@ -1,0 +1,170 @@
+"""The generator and discriminator: shapes for any slice size, output range, parameter counts."""
+import numpy as np
+import pytest
+import torch
+
+from model.discriminator import Discriminator
+from model.generator import Generator
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    """Tiny networks run fastest on one thread (and a loaded 2-core machine makes 2 threads spin)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def conv_params(c_in, c_out, k):
+    """A k x k (transposed) convolution with a bias: c_in * c_out * k^2 + c_out."""
+    return c_in * c_out * k * k + c_out
+
+
+def generator_params(c_in=1, c_out=1, ngf=64, blocks=9):
+    """Hand count of the ResNet generator (instance norms have no affine parameters):
+
+      c7s1-ngf            c_in*ngf*49 + ngf
+      down 1 (3x3)        ngf*2ngf*9 + 2ngf
+      down 2 (3x3)        2ngf*4ngf*9 + 4ngf
+      blocks x (2 3x3)    blocks * 2 * (4ngf*4ngf*9 + 4ngf)
+      up 1 (3x3, transp)  4ngf*2ngf*9 + 2ngf
+      up 2 (3x3, transp)  2ngf*ngf*9 + ngf
+      c7s1-out            ngf*c_out*49 + c_out
+
+    Defaults (1 channel, ngf 64, 9 blocks): 3,200 + 73,856 + 295,168 + 9 * 1,180,160 + 295,040 + 73,792 + 3,137
+    = 11,365,633 parameters.
+    """
+    f = ngf
+    return (conv_params(c_in, f, 7) + conv_params(f, 2 * f, 3) + conv_params(2 * f, 4 * f, 3)
+            + blocks * 2 * conv_params(4 * f, 4 * f, 3)
+            + conv_params(4 * f, 2 * f, 3) + conv_params(2 * f, f, 3) + conv_params(f, c_out, 7))
+
+
+def discriminator_params(c_in=1, ndf=64):
+    """Four 4x4 convs (c_in->ndf->2ndf->4ndf->8ndf) and a 4x4 conv to one channel, all with biases.
+    Defaults: 1,088 + 131,200 + 524,544 + 2,097,664 + 8,193 = 2,762,689."""
+    d = ndf
+    return (conv_params(c_in, d, 4) + conv_params(d, 2 * d, 4) + conv_params(2 * d, 4 * d, 4)
+            + conv_params(4 * d, 8 * d, 4) + conv_params(8 * d, 1, 4))
+
+
+def test_hand_formulas_give_the_documented_totals():
+    assert generator_params() == 11_365_633
+    assert discriminator_params() == 2_762_689
+
+
+def test_default_generator_has_about_11_37_million_parameters():
+    n = count(Generator())
+    assert n == generator_params()
+    assert abs(n - 11.37e6) < 0.01e6
+
+
+def test_default_discriminator_has_2_762_689_parameters():
+    assert count(Discriminator()) == 2_762_689
+
+
+@pytest.mark.parametrize('ngf, blocks', [(8, 2), (32, 6), (16, 0), (64, 3)])
+def test_generator_width_and_depth_flags_change_the_count_as_the_formula(ngf, blocks):
+    assert count(Generator(ngf=ngf, n_res_blocks=blocks)) == generator_params(ngf=ngf, blocks=blocks)
+
+
+def test_each_residual_block_adds_two_3x3_convs_of_4ngf_channels():
+    for ngf in (8, 16):
+        per_block = 2 * (9 * (4 * ngf) ** 2 + 4 * ngf)
+        assert count(Generator(ngf=ngf, n_res_blocks=5)) - count(Generator(ngf=ngf, n_res_blocks=4)) == per_block
+    # width: ngf=32 is about a quarter of ngf=64 (convs dominate, they scale with ngf^2)
+    ratio = count(Generator(ngf=32)) / count(Generator(ngf=64))
+    assert 0.24 < ratio < 0.26
+
+
+@pytest.mark.parametrize('ndf', [8, 16, 32])
+def test_discriminator_width_flag_changes_the_count_as_the_formula(ndf):
+    assert count(Discriminator(ndf=ndf)) == discriminator_params(ndf=ndf)
+
+
+def test_multichannel_counts():
+    assert count(Generator(in_channels=3, out_channels=2, ngf=8, n_res_blocks=1)) == generator_params(3, 2, 8, 1)
+    assert count(Discriminator(in_channels=3, ndf=8)) == discriminator_params(3, 8)
+
+
+@pytest.mark.parametrize('size', [(48, 56), (64, 64), (50, 59), (37, 41), (49, 58), (8, 8), (33, 32), (32, 35)])
+def test_generator_output_shape_equals_input_shape_and_is_in_range(size):
+    torch.manual_seed(0)
+    net = Generator(ngf=8, n_res_blocks=2)
+    x = torch.randn(2, 1, *size) * 5  # far outside [-1, 1]: the tanh must still bound the output
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == x.shape
+    assert y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+    assert y.min() >= -1 and y.max() <= 1
+    assert y.std() > 0  # not a constant image
+
+
+def test_default_generator_on_an_odd_slice():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 37, 41) * 2 - 1
+    with torch.no_grad():
+        y = Generator()(x)
+    assert y.shape == (1, 1, 37, 41)
+    assert y.abs().max() <= 1
+
+
+def test_generator_multichannel_shape():
+    x = torch.rand(2, 3, 50, 59) * 2 - 1
+    with torch.no_grad():
+        y = Generator(in_channels=3, out_channels=2, ngf=8, n_res_blocks=1)(x)
+    assert y.shape == (2, 2, 50, 59)
+
+
+@pytest.mark.parametrize('height, width', [(47, 55), (45, 53), (46, 56), (48, 54)])
+def test_generator_output_on_an_odd_slice_is_aligned_with_the_input(height, width):
+    """An MRI slice cut to an odd size gives the same picture as the full slice, in the same place: the
+    padding to a multiple of 4 and the crop back keep the output aligned with the input (no shift)."""
+    from conftest import mni_t1
+    torch.manual_seed(0)
+    volume = np.asarray(mni_t1(4).dataobj, dtype=np.float32)
+    full = torch.from_numpy(volume[:48, :56, 24] / volume.max() * 2 - 1)[None, None]  # background at the edges
+    net = Generator(ngf=8, n_res_blocks=2).eval()
+    with torch.no_grad():
+        reference = net(full)[..., :height, :width]
+        cut = net(full[..., :height, :width])
+    assert cut.shape == (1, 1, height, width)
+    inner = (..., slice(0, height - 8), slice(0, width - 8))  # away from the cut edges
+    error = (cut - reference)[inner].abs().mean()
+    assert error < 0.1 * reference.std(), (error, reference.std())
+
+
+def test_generator_treats_images_of_a_batch_independently():
+    """Instance norm is per image: a batch gives the same outputs as one image at a time (utils.losses
+    relies on this when it batches the identity pass with the translation)."""
+    torch.manual_seed(0)
+    net = Generator(ngf=8, n_res_blocks=2)
+    a, b = torch.rand(2, 1, 1, 37, 41) * 2 - 1
+    with torch.no_grad():
+        together = net(torch.cat([a, b]))
+        separate = torch.cat([net(a), net(b)])
+    torch.testing.assert_close(together, separate, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [(50, 59), (37, 41), (64, 64), (24, 24), (128, 96)])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_discriminator_gives_one_logit_per_image(size, batch):
+    torch.manual_seed(0)
+    net = Discriminator(ndf=8)
+    x = torch.rand(batch, 1, *size) * 2 - 1
+    out = net(x)
+    assert out.shape == (batch, 1)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_default_discriminator_shape():
+    with torch.no_grad():
+        assert Discriminator()(torch.zeros(2, 1, 50, 59)).shape == (2, 1)

@@ -28,7 +28,7 @@ from skimage.exposure import match_histograms
 from tqdm import tqdm
 
 from model.generator import Generator
-from utils.arguments import load_arguments
+from utils.arguments import CliParser, load_arguments
 from utils.checkpoint import generator_filename, load_weights, saved_generator_epochs, vendor_tags
 from utils.device import autocast, pick_device
 from utils.errors import UserError, run_cli
@@ -202,7 +202,14 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
         raise UserError(f'--reference_dir {reference_dir}: no such folder')
     generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     scale = target_scale(experiment_dir, trg_vendor)
-    os.makedirs(save_dir, exist_ok=True)
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        probe = os.path.join(save_dir, f'.write_test_{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f'--output_dir {save_dir}: cannot write there ({error.strerror}); choose another folder',
+                        exit_code=1) from None
     print(f'{experiment} {src_vendor}->{trg_vendor}, epoch {epoch_used}, on {torch_device}: '
           f'{len(inputs)} volume(s) from {data_dir}')
 
@@ -233,6 +240,9 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
         except UserError as error:
             failed.append(path)
             tqdm.write(f'failed: {error}')
+        except OSError as error:  # disk full, permissions: this volume is lost, the others may still work
+            failed.append(path)
+            tqdm.write(f'failed: {path}: cannot write {output_path} ({error.strerror or error})')
 
     if rows:
         table = pd.DataFrame(rows)
@@ -246,7 +256,7 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    parser = CliParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--experiment', default=target_experiment, help='experiment folder name under --save_dir')
     parser.add_argument('--epoch', default=None,

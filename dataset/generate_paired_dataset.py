@@ -29,6 +29,7 @@ from nibabel.processing import resample_from_to
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.arguments import CliParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.volume import (NIFTI_SUFFIXES, ROBUST_PERCENTILE, axial_slices, list_nifti, load_volume,  # noqa: E402
                           nifti_stem, normalise, pad_or_crop, robust_max, to_canonical)
@@ -38,7 +39,7 @@ SPLITS = ('trainset', 'evalset', 'testset')
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    parser = CliParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--vendor1_dir', required=True, help='scans of vendor 1 (e.g. SIEMENS)')
     parser.add_argument('--vendor2_dir', required=True, help='scans of vendor 2 (e.g. Philips), same subjects')

@@ -6,8 +6,9 @@ import os
 from utils.errors import UserError
 
 
-class _ArgsFileParser(argparse.ArgumentParser):
-    """Reads `@file` arguments one flag per line (`--ngf 32`), skipping blank lines and # comments."""
+class CliParser(argparse.ArgumentParser):
+    """argparse with the project's error path (one line, exit code 2, no usage dump), reading `@file`
+    arguments one flag per line (`--ngf 32`) with blank lines and # comments skipped."""
 
     def convert_arg_line_to_args(self, line):
         line = line.split('#', 1)[0].strip()
@@ -16,9 +17,15 @@ class _ArgsFileParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f'{self.prog}: {message} (see --help)')
 
+    def _read_args_from_files(self, arg_strings):
+        try:
+            return super()._read_args_from_files(arg_strings)
+        except OSError as error:
+            raise UserError(f'{error.filename}: cannot read this arguments file ({error.strerror})') from None
+
 
 def build_parser():
-    parser = _ArgsFileParser(
+    parser = CliParser(
         prog='train.py', fromfile_prefix_chars='@',
         description='Train a CycleGAN that harmonizes MRI slices between two scanner vendors.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -101,9 +101,14 @@ def read_slice_file(path):
     return image
 
 
-def load_slice_folder(folder):
-    """The slices of one subject folder, in natural file-name order, as an (X, Y, Z) stack."""
-    names = sorted((f for f in os.listdir(folder) if f.lower().endswith(SLICE_SUFFIXES)), key=natural_key)
+def slice_names(folder):
+    return {os.path.splitext(f)[0]: f for f in os.listdir(folder) if f.lower().endswith(SLICE_SUFFIXES)}
+
+
+def load_slice_folder(folder, stems):
+    """The slices of one subject folder with the given file stems, in natural order, as an (X, Y, Z) stack."""
+    files = slice_names(folder)
+    names = [files[stem] for stem in sorted(stems, key=natural_key)]
     try:
         slices = [read_slice_file(os.path.join(folder, name)) for name in names]
     except UserError:
@@ -124,7 +129,14 @@ def same_grid(a, b):
 def load_pair(subject, path1, path2, kind, resample, vendors):
     """Both vendors' data of one subject on one grid in canonical orientation, (X, Y, Z) float32 arrays."""
     if kind == 'slices':
-        (data1, names1), (data2, names2) = load_slice_folder(path1), load_slice_folder(path2)
+        stems1, stems2 = set(slice_names(path1)), set(slice_names(path2))
+        unmatched = sorted(stems1 ^ stems2, key=natural_key)
+        if unmatched:
+            print(f'subject {subject}: slices without a partner skipped: {", ".join(unmatched[:10])}'
+                  + (' ...' if len(unmatched) > 10 else ''), file=sys.stderr)
+        if not stems1 & stems2:
+            raise UserError(f'subject {subject}: no slice file name is in both {path1} and {path2}')
+        (data1, _), (data2, _) = load_slice_folder(path1, stems1 & stems2), load_slice_folder(path2, stems1 & stems2)
         if data1.shape != data2.shape:
             raise UserError(f'subject {subject}: {vendors[0]} slices {data1.shape} and {vendors[1]} slices '
                             f'{data2.shape} differ; the pair must match slice for slice')
@@ -207,7 +219,7 @@ def main(argv=None):
     unpaired = sorted(set(subjects1) ^ set(subjects2), key=natural_key)
     for name in unpaired:
         side = args.vendor1_dir if name in subjects1 else args.vendor2_dir
-        print(f'skipped {name}: only in {side}, no partner in the other vendor folder')
+        print(f'skipped {name}: only in {side}, no partner in the other vendor folder', file=sys.stderr)
     if not paired:
         raise UserError(f'no subject is in both {args.vendor1_dir} and {args.vendor2_dir} (pairs are matched by '
                         'file name, e.g. subj_001.nii.gz in both); rename the files so the pairs match')
@@ -226,12 +238,12 @@ def main(argv=None):
             check_subject(subject, data2, vendors[1], subjects2[subject])
         except UserError as error:
             problems.append(str(error))
-            print(f'skipped: {error}')
+            print(f'skipped: {error}', file=sys.stderr)
             continue
         scales[subject] = (robust_max(data1), robust_max(data2))
         slice_sizes.add(tuple(data1.shape[:2]) if args.image_size is None else tuple(args.image_size))
     if not scales:
-        raise UserError(f'none of the {len(paired)} pairs could be used (see the lines above)')
+        raise UserError(f'none of the {len(paired)} pairs could be used: {"; ".join(problems)}')
     if len(slice_sizes) > 1:
         raise UserError(f'subjects have different in-plane sizes {sorted(slice_sizes)}; pass --image_size H W '
                         'to pad or crop every slice to one size')

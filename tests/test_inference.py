@@ -1,0 +1,523 @@
+"""Inference: inference_nii.py on one tiny experiment trained once (generate_paired_dataset.py -> train.py),
+orientation and size round trips, output headers and scale, epoch selection, metrics, and bad input.
+
+Expected outputs are recomputed here with nibabel, numpy and a plain forward pass of the saved generator
+weights, not with the project's volume helpers.
+"""
+import functools
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from nibabel.orientations import (apply_orientation, axcodes2ornt, io_orientation, ornt_transform)
+from skimage.metrics import structural_similarity
+
+from conftest import REPO, TINY_TRAIN_FLAGS, mni_t1, second_vendor, subject_volume
+from model.generator import Generator
+from utils.errors import run_cli
+
+import inference_nii
+
+VENDORS = ('SIEMENS', 'Philips')
+PERCENTILE = 99.5
+EXPERIMENT = 'tiny'
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---- volumes ------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _template(resolution):
+    image = mni_t1(resolution)
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine
+
+
+def siemens(subject=0, resolution=6):
+    """(data, affine) of a vendor-1-like RAS volume, values up to about 1000."""
+    data, affine = _template(resolution)
+    return 1000 * subject_volume(data, subject), affine.copy()
+
+
+def philips(subject=0, resolution=6):
+    data, affine = siemens(subject, resolution)
+    return second_vendor(data, subject), affine
+
+
+def reoriented(image, codes):
+    return image.as_reoriented(ornt_transform(axcodes2ornt('RAS'), axcodes2ornt(tuple(codes))))
+
+
+def save(data, affine, path, codes='RAS', int16=False):
+    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    if tuple(codes) != tuple('RAS'):
+        image = reoriented(image, codes)
+    if int16:
+        image.set_data_dtype(np.int16)  # nibabel picks a scl_slope on save
+    image.set_qform(image.affine, code='scanner')
+    image.set_sform(image.affine, code='scanner')
+    nib.save(image, str(path))
+    return str(path)
+
+
+def canonical(path_or_image):
+    image = nib.load(str(path_or_image)) if isinstance(path_or_image, (str, os.PathLike)) else path_or_image
+    return nib.as_closest_canonical(image).get_fdata()
+
+
+def normalised(data):
+    return np.clip(data / np.percentile(data[data > 0], PERCENTILE), 0, 1)
+
+
+def raw_header(path):
+    opener = gzip.open if str(path).endswith('.gz') else open
+    with opener(str(path), 'rb') as f:
+        return nib.Nifti1Header.from_fileobj(f)
+
+
+# ---- the experiment -----------------------------------------------------------------------------
+
+def tiny_train_flags(**overrides):
+    flags = list(TINY_TRAIN_FLAGS)
+    for name, value in overrides.items():
+        index = flags.index(f'--{name}')
+        flags[index + 1] = str(value)
+    return flags
+
+
+def train(data_root, save_dir, name, **overrides):
+    flags = tiny_train_flags(lower_bound=0.45, upper_bound=0.55, **overrides)
+    result = subprocess.run([sys.executable, 'train.py', '-ex', name, '--data_root', str(data_root),
+                             '--save_dir', str(save_dir), *flags], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return os.path.join(str(save_dir), name)
+
+
+@pytest.fixture(scope='module')
+def experiment(tmp_path_factory):
+    """6 subjects at 6 mm (vendor 2 int16, stored LPS / axial-first) -> dataset with 2 test subjects -> 2 epochs."""
+    root = tmp_path_factory.mktemp('experiment')
+    dirs = [root / 'scans' / v for v in VENDORS]
+    for d in dirs:
+        d.mkdir(parents=True)
+    for i in range(6):
+        name = f'subj_{i + 1:03d}.nii.gz'
+        save(*siemens(i), dirs[0] / name)
+        save(*philips(i), dirs[1] / name, codes=('LPS', 'SLP')[i % 2], int16=True)
+    dataset = root / 'dataset'
+    result = subprocess.run([sys.executable, os.path.join('dataset', 'generate_paired_dataset.py'),
+                             '--vendor1_dir', str(dirs[0]), '--vendor2_dir', str(dirs[1]), '--output_dir', str(dataset),
+                             '--test_ratio', '0.34', '--split_ratio', '0.7'], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(os.listdir(dataset / 'testset' / 'SIEMENS')) == 2
+    results = root / 'results'
+    experiment_dir = train(dataset, results, EXPERIMENT, total_epoch=2, decay_epoch=1)
+    with open(os.path.join(experiment_dir, 'dataset_info.json')) as f:
+        info = json.load(f)
+    with open(os.path.join(experiment_dir, 'model', 'best.json')) as f:
+        best = json.load(f)
+    return {'root': root, 'dataset': dataset, 'results': str(results), 'dir': experiment_dir, 'info': info,
+            'best': best}
+
+
+TAGS = {'SIEMENS': 'S', 'Philips': 'P'}
+
+
+def weights(experiment, src, trg, epoch):
+    suffix = 'best' if epoch == 'best' else f'epoch_{epoch}'
+    return os.path.join(experiment['dir'], 'model', f'netG_{TAGS[src]}_to_{TAGS[trg]}_{suffix}.pth')
+
+
+def manual_harmonize(path, weights_path, scale):
+    """The whole recipe written out: canonical -> robust-max normalisation -> generator per axial slice ->
+    background zero -> target scale -> the input's storage orientation."""
+    image = nib.load(str(path))
+    data = nib.as_closest_canonical(image).get_fdata().astype(np.float32)
+    unit = normalised(data).astype(np.float32)
+    generator = Generator(ngf=8, n_res_blocks=2)
+    generator.load_state_dict(torch.load(weights_path, map_location='cpu', weights_only=True))
+    generator.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(unit, 2, 0)[:, None]))
+        y = ((generator(x * 2 - 1) + 1) / 2).clamp(0, 1)[:, 0].numpy()
+    out = np.moveaxis(y, 0, 2)
+    out[data <= 0] = 0
+    out = out * scale if scale is not None else out
+    return apply_orientation(out, ornt_transform(axcodes2ornt('RAS'), io_orientation(image.affine)))
+
+
+def harmonize(experiment, data_dir, save_dir, src='SIEMENS', trg='Philips', epoch='latest', **kwargs):
+    failed = inference_nii.main(str(data_dir), str(save_dir), src_vendor=src, trg_vendor=trg, experiment=EXPERIMENT,
+                                epoch=epoch, results_root=experiment['results'], device='cpu', **kwargs)
+    return failed
+
+
+def output_of(save_dir, stem):
+    return os.path.join(str(save_dir), f'{stem}_harmonized.nii.gz')
+
+
+def assert_matches_manual(output_path, input_path, weights_path, scale):
+    got = np.asarray(nib.load(output_path).dataobj, dtype=np.float32)
+    want = manual_harmonize(input_path, weights_path, scale)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 * (scale or 1))
+
+
+# ---- orientation and size -----------------------------------------------------------------------
+
+def test_orientation_round_trip_and_same_voxels_in_two_orientations(experiment, tmp_path):
+    data, affine = siemens(3)
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    ras = save(data, affine, inputs / 'vol_ras.nii.gz')
+    ilp = save(data, affine, inputs / 'vol_ilp.nii.gz', codes=('I', 'L', 'P'))  # axial axis first, flipped
+    assert nib.load(ilp).shape == (data.shape[2], data.shape[0], data.shape[1])
+    assert not harmonize(experiment, inputs, tmp_path / 'out')
+    outputs = {}
+    for path in (ras, ilp):
+        stem = os.path.basename(path)[:-len('.nii.gz')]
+        source, result = nib.load(path), nib.load(output_of(tmp_path / 'out', stem))
+        assert result.shape == source.shape
+        np.testing.assert_allclose(result.affine, source.affine, atol=1e-5)
+        np.testing.assert_allclose(result.get_qform(), source.affine, atol=1e-5)
+        np.testing.assert_allclose(result.get_sform(), source.affine, atol=1e-5)
+        assert int(result.header['qform_code']) > 0 and int(result.header['sform_code']) > 0
+        outputs[stem] = canonical(result)
+    np.testing.assert_allclose(outputs['vol_ras'], outputs['vol_ilp'], rtol=1e-5,
+                               atol=1e-4 * experiment['info']['intensity_scale']['Philips'])
+    scale = experiment['info']['intensity_scale']['Philips']
+    assert_matches_manual(output_of(tmp_path / 'out', 'vol_ilp'), ilp, weights(experiment, 'SIEMENS', 'Philips', 2),
+                          scale)
+
+
+def test_odd_in_plane_size(experiment, tmp_path):
+    data, affine = siemens(1, resolution=4)
+    cropped = data[5:42, 8:49, :]  # 37 x 41 in-plane
+    shifted = affine.copy()
+    shifted[:3, 3] += affine[:3, :3] @ np.array([5, 8, 0])
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    path = save(cropped, shifted, inputs / 'odd.nii.gz', codes='LPS')
+    assert not harmonize(experiment, inputs, tmp_path / 'out')
+    result = nib.load(output_of(tmp_path / 'out', 'odd'))
+    assert result.shape == nib.load(path).shape == (37, 41, 48)
+    assert_matches_manual(output_of(tmp_path / 'out', 'odd'), path, weights(experiment, 'SIEMENS', 'Philips', 2),
+                          experiment['info']['intensity_scale']['Philips'])
+
+
+# ---- output files -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('src, trg', [('SIEMENS', 'Philips'), ('Philips', 'SIEMENS')])
+def test_output_header_values_and_scale(experiment, tmp_path, src, trg):
+    data, affine = (siemens if src == 'SIEMENS' else philips)(2)
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    # Philips input is int16 with a scl_slope: the output must not inherit it
+    path = save(data, affine, inputs / 'subj_010.nii.gz', codes='LPS', int16=src == 'Philips')
+    source = nib.load(path)
+    assert harmonize(experiment, inputs, tmp_path / 'out', src=src, trg=trg) == []
+    out_path = output_of(tmp_path / 'out', 'subj_010')
+    header = raw_header(out_path)
+    assert header.get_data_dtype() == np.float32
+    slope, inter = float(header['scl_slope']), float(header['scl_inter'])
+    assert math.isnan(slope) or slope in (0.0, 1.0), slope
+    assert math.isnan(inter) or inter == 0.0, inter
+    result = nib.load(out_path)
+    assert result.dataobj.slope == 1 and result.dataobj.inter == 0
+    values = np.asarray(result.dataobj)
+    assert values.dtype == np.float32 and np.all(np.isfinite(values))
+    input_values = np.asarray(source.dataobj, dtype=np.float32)
+    assert np.all(values[input_values == 0] == 0)
+    assert values.min() >= 0
+    scale = experiment['info']['intensity_scale'][trg]
+    assert scale > 100  # both vendors' scales are far from [0, 1] here
+    assert 0.2 * scale < values.max() <= 1.0001 * scale
+    assert_matches_manual(out_path, path, weights(experiment, src, trg, 2), scale)
+
+
+def test_output_names_per_stem_and_nii_inputs(experiment, tmp_path):
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    save(*siemens(0), inputs / 'subj_001.nii.gz')
+    save(*siemens(1), inputs / 'subj_002.nii', codes='LPS')
+    save(*siemens(2), inputs / 'sub-03_T1w.nii.gz')
+    assert harmonize(experiment, inputs, tmp_path / 'out') == []
+    written = sorted(f for f in os.listdir(tmp_path / 'out') if f.endswith(('.nii', '.nii.gz')))
+    assert written == ['sub-03_T1w_harmonized.nii.gz', 'subj_001_harmonized.nii.gz', 'subj_002_harmonized.nii.gz']
+    a = canonical(output_of(tmp_path / 'out', 'subj_001'))
+    b = canonical(output_of(tmp_path / 'out', 'subj_002'))
+    assert not np.allclose(a, b)  # two different subjects, two different outputs
+    assert_matches_manual(output_of(tmp_path / 'out', 'subj_002'), inputs / 'subj_002.nii',
+                          weights(experiment, 'SIEMENS', 'Philips', 2), experiment['info']['intensity_scale']['Philips'])
+
+
+# ---- epochs and directions ----------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def one_input(experiment):
+    folder = experiment['root'] / 'one_input'
+    folder.mkdir()
+    save(*siemens(4), folder / 'subj_050.nii.gz', codes=('S', 'L', 'P'))
+    save(*philips(4), folder / 'subj_051.nii.gz', codes='LPS', int16=True)
+    return folder
+
+
+@pytest.mark.parametrize('epoch, expected', [('1', 1), ('latest', 2), ('best', 'best')])
+def test_epoch_selection_loads_that_checkpoint(experiment, one_input, tmp_path, capsys, epoch, expected):
+    assert harmonize(experiment, one_input, tmp_path / 'out', epoch=epoch) == []
+    printed = capsys.readouterr().out
+    line = next(l for l in printed.splitlines() if 'epoch' in l)
+    if expected == 'best':
+        best_epoch = experiment['best']['A2B']['epoch']
+        assert 'best' in line and str(best_epoch) in line, line
+        best = torch.load(weights(experiment, 'SIEMENS', 'Philips', 'best'), weights_only=True)
+        same = torch.load(weights(experiment, 'SIEMENS', 'Philips', best_epoch), weights_only=True)
+        assert all(torch.equal(best[k], same[k]) for k in best)
+    else:
+        assert f'epoch {expected}' in line, line
+    assert_matches_manual(output_of(tmp_path / 'out', 'subj_050'), one_input / 'subj_050.nii.gz',
+                          weights(experiment, 'SIEMENS', 'Philips', expected),
+                          experiment['info']['intensity_scale']['Philips'])
+
+
+def test_epochs_1_and_2_give_different_outputs(experiment, one_input, tmp_path):
+    harmonize(experiment, one_input, tmp_path / 'e1', epoch=1)
+    harmonize(experiment, one_input, tmp_path / 'e2', epoch=2)
+    a = np.asarray(nib.load(output_of(tmp_path / 'e1', 'subj_050')).dataobj)
+    b = np.asarray(nib.load(output_of(tmp_path / 'e2', 'subj_050')).dataobj)
+    assert not np.allclose(a, b)
+
+
+def test_other_direction_uses_the_other_generator(experiment, one_input, tmp_path):
+    assert harmonize(experiment, one_input, tmp_path / 'out', src='Philips', trg='SIEMENS', epoch='latest') == []
+    assert_matches_manual(output_of(tmp_path / 'out', 'subj_051'), one_input / 'subj_051.nii.gz',
+                          weights(experiment, 'Philips', 'SIEMENS', 2), experiment['info']['intensity_scale']['SIEMENS'])
+
+
+def run_inference_cli(capsys, *argv):
+    """inference_nii.py's command line in this process (same path as `python inference_nii.py`)."""
+    code = 0
+    try:
+        run_cli(inference_nii.cli, [str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_args(experiment, input_dir, output_dir, *more):
+    return ['--experiment', EXPERIMENT, '--save_dir', experiment['results'], '--input_dir', input_dir,
+            '--output_dir', output_dir, '--device', 'cpu', '--epoch', 'latest', *more]
+
+
+def assert_reported(code, out, err, *names, prefix=('error:',)):
+    assert code not in (0, None), out + err
+    assert 'Traceback' not in out + err
+    lines = [l.strip() for l in (out + err).splitlines() if l.strip().startswith(prefix)]
+    assert lines, f'no {prefix} line in: {out[-500:]} {err[-500:]}'
+    for name in names:
+        assert any(str(name) in l for l in lines), f'no {prefix} line names {name}: {lines}'
+
+
+def test_missing_epoch_lists_saved_epochs(experiment, one_input, tmp_path, capsys):
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, one_input, tmp_path / 'out', '--epoch', '7'))
+    assert_reported(code, out, err, 'epoch_7')
+    assert err.strip().splitlines()[-1].startswith('error:')
+    assert '1, 2' in err
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('src, trg', [('GE', 'Philips'), ('SIEMENS', 'GE'), ('SIEMENS', 'SIEMENS')])
+def test_vendors_not_trained_on_are_refused(experiment, one_input, tmp_path, capsys, src, trg):
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, one_input, tmp_path / 'out',
+                                                         '--src_vendor', src, '--trg_vendor', trg))
+    assert_reported(code, out, err, 'SIEMENS', 'Philips', src if src != 'SIEMENS' else trg)
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+# ---- the two ways of running it -----------------------------------------------------------------
+
+def test_constants_at_the_top_of_the_script(experiment, one_input, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference_nii, 'target_experiment', EXPERIMENT)
+    monkeypatch.setattr(inference_nii, 'save_root', experiment['results'])
+    monkeypatch.setattr(inference_nii, 'best_epochs', {'SIEMENS_to_Philips': 1, 'Philips_to_SIEMENS': 'best'})
+    assert inference_nii.main(str(one_input), str(tmp_path / 'out'), src_vendor='SIEMENS', trg_vendor='Philips') == []
+    assert sorted(os.listdir(tmp_path / 'out')) == ['subj_050_harmonized.nii.gz', 'subj_051_harmonized.nii.gz']
+    assert_matches_manual(output_of(tmp_path / 'out', 'subj_050'), one_input / 'subj_050.nii.gz',
+                          weights(experiment, 'SIEMENS', 'Philips', 1),
+                          experiment['info']['intensity_scale']['Philips'])
+
+
+def masked_metrics(prediction, reference, mask):
+    _, ssim_map = structural_similarity(reference, prediction, data_range=1.0, full=True)
+    mse = np.mean((prediction[mask].astype(np.float64) - reference[mask]) ** 2)
+    return {'SSIM': ssim_map[mask].mean(), 'PSNR': 10 * np.log10(1.0 / mse),
+            'MAE': np.mean(np.abs(prediction[mask].astype(np.float64) - reference[mask]))}
+
+
+def test_command_line_with_reference_writes_metrics_and_previews(experiment, tmp_path):
+    test_dir = experiment['dataset'] / 'testset'
+    out = tmp_path / 'out'
+    result = subprocess.run([sys.executable, 'inference_nii.py',
+                             *cli_args(experiment, test_dir / 'SIEMENS', out, '--reference_dir', test_dir / 'Philips',
+                                       '--epoch', 'latest')],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    stems = sorted(name[:-len('.nii.gz')] for name in os.listdir(test_dir / 'SIEMENS'))
+    assert len(stems) == 2
+    table = pd.read_csv(out / 'metrics.csv')
+    assert {'SSIM', 'PSNR', 'MAE'} <= set(table.columns)
+    assert len(table) == 3 * len(stems)
+    scale = experiment['info']['intensity_scale']['Philips']
+    for stem in stems:
+        rows = table[table['volume'].astype(str) == stem].set_index('method')
+        assert set(rows.index) == {'harmonized', 'unharmonized', 'histogram matching'}
+        source = normalised(canonical(test_dir / 'SIEMENS' / f'{stem}.nii.gz'))
+        reference = normalised(canonical(test_dir / 'Philips' / f'{stem}.nii.gz'))
+        mask = (reference > 0) | (source > 0)
+        harmonized = canonical(output_of(out, stem)) / scale
+        for method, volume, tol in (('unharmonized', source, 1e-4), ('harmonized', harmonized, 2e-3)):
+            want = masked_metrics(volume, reference, mask)
+            for metric in ('SSIM', 'PSNR', 'MAE'):
+                assert rows.loc[method, metric] == pytest.approx(want[metric], rel=tol, abs=tol), (stem, method,
+                                                                                                   metric)
+        # histogram matching onto the reference makes the unharmonized intensities closer to it
+        assert rows.loc['histogram matching', 'MAE'] < rows.loc['unharmonized', 'MAE']
+        with open(out / 'previews' / f'{stem}.png', 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+        assert_matches_manual(output_of(out, stem), test_dir / 'SIEMENS' / f'{stem}.nii.gz',
+                              weights(experiment, 'SIEMENS', 'Philips', 2), scale)
+
+
+def test_volume_metrics_against_skimage():
+    from utils.metrics import volume_metrics
+    a = normalised(philips(0)[0]).astype(np.float32)
+    b = normalised(philips(1)[0]).astype(np.float32)
+    c = normalised(siemens(1)[0]).astype(np.float32)
+    mask = (a > 0) | (b > 0)
+    for prediction in (b, c):
+        got = volume_metrics(prediction, a, mask)
+        want = masked_metrics(prediction, a, mask)
+        for metric in ('SSIM', 'PSNR', 'MAE'):
+            assert got[metric] == pytest.approx(want[metric], rel=1e-6), metric
+    # the mask matters: all voxels give another SSIM and a higher PSNR (the background agrees)
+    everywhere = volume_metrics(c, a, np.ones_like(mask))
+    assert everywhere['PSNR'] > volume_metrics(c, a, mask)['PSNR']
+    same = volume_metrics(a, a, mask)
+    assert same['SSIM'] == pytest.approx(1.0) and same['PSNR'] == math.inf and same['MAE'] == 0
+
+
+def test_experiment_without_dataset_info_leaves_outputs_in_unit_range(pickle_dataset, one_input, tmp_path, capsys):
+    experiment_dir = train(pickle_dataset, tmp_path / 'results', 'noinfo', total_epoch=1, decay_epoch=0)
+    assert not os.path.exists(os.path.join(experiment_dir, 'dataset_info.json'))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        failed = inference_nii.main(str(one_input), str(tmp_path / 'out'), src_vendor='SIEMENS', trg_vendor='Philips',
+                                    experiment='noinfo', epoch='latest', results_root=str(tmp_path / 'results'),
+                                    device='cpu')
+    assert failed == []
+    out, err = capsys.readouterr()
+    messages = ' '.join(str(w.message) for w in caught) + out + err
+    assert 'dataset_info' in messages and '[0, 1]' in messages
+    values = np.asarray(nib.load(output_of(tmp_path / 'out', 'subj_050')).dataobj)
+    assert values.dtype == np.float32 and 0 <= values.min() and 0.2 < values.max() <= 1
+    assert_matches_manual(output_of(tmp_path / 'out', 'subj_050'), one_input / 'subj_050.nii.gz',
+                          os.path.join(experiment_dir, 'model', 'netG_S_to_P_epoch_1.pth'), None)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_missing_experiment(experiment, one_input, tmp_path, capsys):
+    args = cli_args(experiment, one_input, tmp_path / 'out')
+    args[1] = 'no_such_experiment'
+    code, out, err = run_inference_cli(capsys, *args)
+    assert_reported(code, out, err, 'no_such_experiment')
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_missing_input_folder_and_folder_without_nifti(experiment, tmp_path, capsys):
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, tmp_path / 'nowhere', tmp_path / 'out'))
+    assert_reported(code, out, err, 'nowhere')
+    empty = tmp_path / 'no_nifti'
+    empty.mkdir()
+    (empty / 'notes.txt').write_text('not a scan')
+    np.save(empty / 'volume.npy', np.zeros((4, 4, 4)))
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, empty, tmp_path / 'out'))
+    assert_reported(code, out, err, 'no_nifti')
+    assert sorted(os.listdir(empty)) == ['notes.txt', 'volume.npy']
+
+
+def test_output_folder_equal_to_input_folder_is_refused(experiment, tmp_path, capsys):
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    path = save(*siemens(0), inputs / 'subj_001.nii.gz')
+    with open(path, 'rb') as f:
+        before = f.read()
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, inputs, inputs))
+    assert_reported(code, out, err, 'in')
+    assert os.listdir(inputs) == ['subj_001.nii.gz']
+    with open(path, 'rb') as f:
+        assert f.read() == before
+    # the same folder spelled differently is the same folder
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, inputs, f'{inputs}/./'))
+    assert code not in (0, None) and os.listdir(inputs) == ['subj_001.nii.gz']
+
+
+def test_bad_files_among_good_ones_are_reported_and_skipped(experiment, tmp_path, capsys):
+    inputs = tmp_path / 'in'
+    inputs.mkdir()
+    data, affine = siemens(0)
+    save(data, affine, inputs / 'a_good.nii.gz')
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), affine), str(inputs / 'b_four_d.nii.gz'))
+    with open(inputs / 'a_good.nii.gz', 'rb') as f:
+        raw = f.read()
+    (inputs / 'c_corrupt.nii.gz').write_bytes(raw[: len(raw) // 2])
+    nib.save(nib.Nifti1Image(np.zeros_like(data), affine), str(inputs / 'd_empty.nii.gz'))
+    save(*siemens(1), inputs / 'e_good.nii', codes='LPS')
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, inputs, tmp_path / 'out'))
+    assert_reported(code, out, err, 'b_four_d.nii.gz', 'c_corrupt.nii.gz', 'd_empty.nii.gz',
+                    prefix=('error:', 'failed:'))
+    written = sorted(f for f in os.listdir(tmp_path / 'out') if 'harmonized' in f)
+    assert written == ['a_good_harmonized.nii.gz', 'e_good_harmonized.nii.gz']
+    for stem, name in (('a_good', 'a_good.nii.gz'), ('e_good', 'e_good.nii')):
+        assert_matches_manual(output_of(tmp_path / 'out', stem), inputs / name,
+                              weights(experiment, 'SIEMENS', 'Philips', 2),
+                              experiment['info']['intensity_scale']['Philips'])
+    assert (inputs / 'c_corrupt.nii.gz').read_bytes() == raw[: len(raw) // 2]
+
+
+def test_existing_outputs_are_kept_unless_overwrite(experiment, tmp_path, capsys):
+    inputs, out = tmp_path / 'in', tmp_path / 'out'
+    inputs.mkdir()
+    out.mkdir()
+    path = save(*siemens(0), inputs / 'subj_001.nii.gz')
+    save(*siemens(1), inputs / 'subj_002.nii.gz')
+    existing = out / 'subj_001_harmonized.nii.gz'
+    existing.write_bytes(b'an earlier result')
+    code, stdout, stderr = run_inference_cli(capsys, *cli_args(experiment, inputs, out))
+    assert code in (0, None), stdout + stderr
+    assert existing.read_bytes() == b'an earlier result'
+    assert '--overwrite' in stdout + stderr
+    assert os.path.exists(output_of(out, 'subj_002'))
+    code, stdout, stderr = run_inference_cli(capsys, *cli_args(experiment, inputs, out, '--overwrite'))
+    assert code in (0, None), stdout + stderr
+    assert_matches_manual(str(existing), path, weights(experiment, 'SIEMENS', 'Philips', 2),
+                          experiment['info']['intensity_scale']['Philips'])

@@ -32,6 +32,7 @@ from utils.arguments import CliParser, load_arguments
 from utils.checkpoint import generator_filename, load_weights, saved_generator_epochs, vendor_tags
 from utils.device import autocast, pick_device
 from utils.errors import UserError, run_cli
+from utils.paths import check_writable_folder
 from utils.metrics import volume_metrics
 from utils.volume import (axial_slices, denormalise, from_canonical, list_nifti, load_volume, nifti_stem,
                           normalise, save_like, stack_axial, to_canonical)
@@ -52,7 +53,11 @@ def load_generator(experiment_dir, src_vendor, trg_vendor, epoch, device):
     """The src->trg generator of an experiment, rebuilt from its arguments.txt; returns (network, epoch used)."""
     if not os.path.isdir(experiment_dir):
         raise UserError(f'{experiment_dir}: no such experiment; check --experiment/--save_dir (or target_experiment)')
-    arguments = load_arguments(os.path.join(experiment_dir, 'arguments.txt'))
+    arguments_path = os.path.join(experiment_dir, 'arguments.txt')
+    arguments = load_arguments(arguments_path)
+    needed = ('vendor1', 'vendor2', 'ngf', 'n_res_blocks')
+    if not isinstance(arguments, dict) or not all(key in arguments for key in needed):
+        raise UserError(f'{arguments_path} lacks {", ".join(needed)}; it was not written by this train.py')
     vendors = (arguments['vendor1'], arguments['vendor2'])
     if src_vendor not in vendors or trg_vendor not in vendors or src_vendor == trg_vendor:
         raise UserError(f'{experiment_dir} was trained on {vendors[0]} and {vendors[1]}; '
@@ -72,9 +77,11 @@ def load_generator(experiment_dir, src_vendor, trg_vendor, epoch, device):
                         f'{" and best" if epoch != "best" and os.path.exists(path.replace(f"epoch_{epoch}", "best")) else ""}'
                         '; choose one with --epoch (or best_epochs)')
     if epoch == 'best':
-        with open(os.path.join(model_dir, 'best.json')) as f:
-            direction = 'A2B' if src_vendor == vendors[0] else 'B2A'
-            epoch = f'best (epoch {json.load(f)[direction]["epoch"]})'
+        try:
+            with open(os.path.join(model_dir, 'best.json')) as f:
+                epoch = f'best (epoch {json.load(f)["A2B" if src_vendor == vendors[0] else "B2A"]["epoch"]})'
+        except (OSError, ValueError, KeyError, TypeError):
+            epoch = 'best'
     generator = Generator(ngf=arguments['ngf'], n_res_blocks=arguments['n_res_blocks'])
     load_weights(path, generator)
     return generator.to(device).eval(), epoch
@@ -109,6 +116,9 @@ def harmonize_volume(generator, path, scale, batch_size, device, amp=False):
     canonical normalised input, canonical harmonized output in [0, 1])."""
     image = load_volume(path)
     canonical = to_canonical(image)
+    if min(canonical.shape[:2]) < 8:
+        raise UserError(f'{path}: axial slices of {canonical.shape[0]}x{canonical.shape[1]} voxels are too small '
+                        'to harmonize (at least 8x8)')
     data = np.asarray(canonical.dataobj, dtype=np.float32)
     try:
         normalised, _ = normalise(data)
@@ -202,14 +212,8 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
         raise UserError(f'--reference_dir {reference_dir}: no such folder')
     generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     scale = target_scale(experiment_dir, trg_vendor)
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        probe = os.path.join(save_dir, f'.write_test_{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f'--output_dir {save_dir}: cannot write there ({error.strerror}); choose another folder',
-                        exit_code=1) from None
+    check_writable_folder(save_dir, '--output_dir')
+    os.makedirs(save_dir, exist_ok=True)
     print(f'{experiment} {src_vendor}->{trg_vendor}, epoch {epoch_used}, on {torch_device}: '
           f'{len(inputs)} volume(s) from {data_dir}')
 

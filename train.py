@@ -17,27 +17,8 @@ from utils.arguments import ARCHITECTURE_FLAGS, parse_arguments, save_arguments
 from utils.device import pick_device
 from utils.distributed import setup_process_group, teardown_process_group
 from utils.errors import UserError, run_cli
+from utils.paths import check_writable_folder
 from utils.trainer import CycleGANTrainer
-
-MIN_FREE_BYTES = 200 * 1024 ** 2
-
-
-def check_writable(save_dir):
-    """Fail before training if the results folder cannot be created or written, or the disk is nearly full."""
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        probe = os.path.join(save_dir, f'.write_test_{os.getpid()}')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f'--save_dir {save_dir}: cannot write there ({error.strerror}); choose another --save_dir',
-                        exit_code=1) from None
-    free = shutil.disk_usage(save_dir).free
-    if free < MIN_FREE_BYTES:
-        raise UserError(f'--save_dir {save_dir}: only {free // 1024 ** 2} MiB free on that disk; free space or '
-                        'choose another --save_dir', exit_code=1)
-
 
 def load_resume_state(args, experiment_dir):
     """model/last.pth of the experiment, checked against the flags that fix the networks' shapes."""
@@ -49,6 +30,9 @@ def load_resume_state(args, experiment_dir):
     except Exception as error:
         raise UserError(f'--resume: {path} cannot be loaded ({type(error).__name__}); '
                         'it is not a training state written by train.py') from None
+    if not (isinstance(state, dict) and {'epoch', 'networks', 'args'} <= set(state)):
+        raise UserError(f'--resume: {path} is not a training state written by train.py (a checkpoint copied over '
+                        'it?); start the experiment again without --resume')
     for flag in ARCHITECTURE_FLAGS:
         if state['args'].get(flag) != getattr(args, flag):
             raise UserError(f'--resume: --{flag} {getattr(args, flag)} differs from {state["args"].get(flag)} that '
@@ -83,12 +67,16 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
         experiment_dir = os.path.join(args.save_dir, args.experiment)
         if process.is_main:
-            check_writable(args.save_dir)
+            check_writable_folder(args.save_dir, '--save_dir')
         state = load_resume_state(args, experiment_dir) if args.resume else None
 
         trainer = CycleGANTrainer(args, device, experiment_dir, process)
         if state is not None:
-            trainer.load_state(state)
+            try:
+                trainer.load_state(state)
+            except (KeyError, RuntimeError, ValueError, TypeError) as error:
+                raise UserError(f'--resume: {experiment_dir}/model/last.pth does not fit this experiment '
+                                f'({type(error).__name__}); start again without --resume') from None
         if process.is_main:
             prepare_experiment_dir(args, experiment_dir)
             print(f'training on {device} ({process.world_size} process{"es" if process.distributed else ""}): '
@@ -103,7 +91,8 @@ def main(argv=None):
                       'continue with the same command and --resume', file=sys.stderr)
             sys.exit(130)
         if process.is_main:
-            print(f'done after epoch {last_epoch}: results in {experiment_dir}/ '
+            print(f'done after epoch {last_epoch} ({trainer.steps} steps, {trainer.train_seconds:.0f} s of training '
+                  f'steps in this run): results in {experiment_dir}/ '
                   f'(loss/loss.csv, loss/loss.png, model/, sample/)')
     finally:
         teardown_process_group()

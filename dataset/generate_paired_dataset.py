@@ -31,6 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.arguments import CliParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.paths import check_writable_folder  # noqa: E402
 from utils.volume import (NIFTI_SUFFIXES, ROBUST_PERCENTILE, axial_slices, list_nifti, load_volume,  # noqa: E402
                           nifti_stem, normalise, pad_or_crop, robust_max, to_canonical)
 
@@ -132,8 +133,8 @@ def load_pair(subject, path1, path2, kind, resample, vendors):
         stems1, stems2 = set(slice_names(path1)), set(slice_names(path2))
         unmatched = sorted(stems1 ^ stems2, key=natural_key)
         if unmatched:
-            print(f'subject {subject}: slices without a partner skipped: {", ".join(unmatched[:10])}'
-                  + (' ...' if len(unmatched) > 10 else ''), file=sys.stderr)
+            tqdm.write(f'subject {subject}: slices without a partner skipped: {", ".join(unmatched[:10])}'
+                       + (' ...' if len(unmatched) > 10 else ''), file=sys.stderr)
         if not stems1 & stems2:
             raise UserError(f'subject {subject}: no slice file name is in both {path1} and {path2}')
         (data1, _), (data2, _) = load_slice_folder(path1, stems1 & stems2), load_slice_folder(path2, stems1 & stems2)
@@ -201,6 +202,7 @@ def check_arguments(args):
     for flag, folder in (('--vendor1_dir', args.vendor1_dir), ('--vendor2_dir', args.vendor2_dir)):
         if output == os.path.realpath(folder) or output.startswith(os.path.realpath(folder) + os.sep):
             raise UserError(f'--output_dir {args.output_dir} lies inside {flag} {folder}; write the dataset elsewhere')
+    check_writable_folder(args.output_dir, '--output_dir')
     existing = [name for name in SPLITS + ('dataset_info.json',) if os.path.exists(os.path.join(args.output_dir, name))]
     if existing and not args.overwrite:
         raise UserError(f'{args.output_dir} already holds a dataset ({", ".join(existing)}); choose another '
@@ -233,12 +235,12 @@ def main(argv=None):
                 data1, data2, _ = load_pair(subject, subjects1[subject], subjects2[subject], kind1,
                                             args.resample, vendors)
             for warning in caught:
-                print(f'warning: {warning.message}')
+                tqdm.write(f'warning: {warning.message}', file=sys.stderr)
             check_subject(subject, data1, vendors[0], subjects1[subject])
             check_subject(subject, data2, vendors[1], subjects2[subject])
         except UserError as error:
             problems.append(str(error))
-            print(f'skipped: {error}', file=sys.stderr)
+            tqdm.write(f'skipped: {error}', file=sys.stderr)
             continue
         scales[subject] = (robust_max(data1), robust_max(data2))
         slice_sizes.add(tuple(data1.shape[:2]) if args.image_size is None else tuple(args.image_size))

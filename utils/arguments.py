@@ -59,8 +59,8 @@ def build_parser():
                        help='fraction of each subject\'s slices (in slice order) where the kept range ends')
     train.add_argument('--random_seed', type=int, default=42, help='seed of all random generators')
     train.add_argument('--max_minutes', type=float, default=None,
-                       help='train for this many minutes of training-step time: the epoch schedule (LR decay, '
-                            'warm-up) is stretched over this time and training stops when it is spent')
+                       help='train for this many minutes of training steps, however many epochs fit: the schedule '
+                            'of --total_epoch epochs (LR decay from --decay_epoch, warm-up) is stretched over that time')
 
     model = parser.add_argument_group('networks')
     model.add_argument('--ngf', type=int, default=64, help='generator width (filters of the first conv)')

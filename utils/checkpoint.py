@@ -45,6 +45,10 @@ def plain_state_dict(module):
     return {key: value.detach().cpu() for key, value in module.state_dict().items()}
 
 
+def first_line(error, limit=200):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def load_weights(path, module):
     """Load a plain state_dict saved by training into `module` (weights only: nothing is executed)."""
     try:
@@ -53,12 +57,12 @@ def load_weights(path, module):
         raise UserError(f'{path}: checkpoint not found') from None
     except Exception as error:
         raise UserError(f'{path}: not a checkpoint this project can load safely ({type(error).__name__}: '
-                        f'{str(error).splitlines()[0][:200]})') from None
+                        f'{first_line(error)})') from None
     if not isinstance(state, dict):
         raise UserError(f'{path}: holds a {type(state).__name__}, expected a state_dict')
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
         raise UserError(f'{path}: does not fit the network described by the experiment\'s arguments.txt '
-                        f'(--ngf/--n_res_blocks/--ndf): {str(error).splitlines()[0][:200]}') from None
+                        f'(--ngf/--n_res_blocks/--ndf): {first_line(error)}') from None
     return module

@@ -86,6 +86,7 @@ class CycleGANTrainer:
         self.start_epoch = 1
         self.best = {}  # direction -> {'epoch': N, 'ssim': value}
         self.train_seconds = 0.0
+        self.steps = 0  # optimizer steps taken by this process in this run
 
     # ---- build -------------------------------------------------------------------------------
     def _build_data(self):
@@ -170,6 +171,11 @@ class CycleGANTrainer:
             return self.args.total_epoch * self.train_seconds / (60 * self.args.max_minutes)
         return epoch - 1 + iteration / len(self.train_loader)
 
+    def epoch_label(self, epoch):
+        if self.args.max_minutes:
+            return f'epoch {epoch} ({self.train_seconds / 60:.1f}/{self.args.max_minutes:g} min)'
+        return f'epoch {epoch}/{self.args.total_epoch}'
+
     def time_is_up(self):
         return bool(self.args.max_minutes) and self.train_seconds >= 60 * self.args.max_minutes
 
@@ -221,7 +227,7 @@ class CycleGANTrainer:
         if self.process.distributed:
             self.train_sampler.set_epoch(epoch)
         sums = torch.zeros(len(TERMS) + 3, device=self.device, dtype=torch.float64)
-        bar = tqdm(self.train_loader, desc=f'epoch {epoch}/{self.args.total_epoch} train', unit='batch',
+        bar = tqdm(self.train_loader, desc=f'{self.epoch_label(epoch)} train', unit='batch',
                    disable=not self.process.is_main, leave=False, dynamic_ncols=True)
         for iteration, (real_A, real_B) in enumerate(bar):
             started = time.perf_counter()
@@ -247,6 +253,7 @@ class CycleGANTrainer:
                 self.save_samples(real_A, real_B, os.path.join(self.experiment_dir, 'sample', f'epoch_{epoch}',
                                                                f'iter_{iteration}.png'))
             self.train_seconds += time.perf_counter() - started
+            self.steps += 1
         all_reduce_sum(sums)
         self._check_finite(sums, epoch, len(self.train_loader))
         return dict(zip(('Total', *TERMS, 'Discriminator'), (sums[:-1] / sums[-1]).tolist()))
@@ -280,7 +287,7 @@ class CycleGANTrainer:
         sums = torch.zeros(len(TERMS) + 3, device=self.device, dtype=torch.float64)
         metrics = {'A2B': SetMetrics(), 'B2A': SetMetrics()}
         nets = self.nets
-        for real_A, real_B in tqdm(self.eval_loader, desc=f'epoch {epoch}/{self.args.total_epoch} eval',
+        for real_A, real_B in tqdm(self.eval_loader, desc=f'{self.epoch_label(epoch)} eval',
                                    unit='batch', disable=not self.process.is_main, leave=False, dynamic_ncols=True):
             real_A, real_B = self._to_device((real_A, real_B))
             with autocast(self.device, self.amp):
@@ -306,19 +313,29 @@ class CycleGANTrainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self):
+        """Train epoch after epoch: --total_epoch of them, or, with --max_minutes, as many as fit in that time."""
         args = self.args
-        if self.start_epoch > args.total_epoch:
+        if args.max_minutes and self.time_is_up():
+            raise UserError(f'{self.experiment_dir} has already trained for --max_minutes {args.max_minutes:g}; '
+                            'pass a larger --max_minutes to train further')
+        if not args.max_minutes and self.start_epoch > args.total_epoch:
             raise UserError(f'{self.experiment_dir} already has {self.start_epoch - 1} epochs; '
                             f'pass a --total_epoch above {self.start_epoch - 1} to train further')
-        for epoch in range(self.start_epoch, args.total_epoch + 1):
+        epoch = self.start_epoch
+        while True:
             train_losses = self.train_epoch(epoch)
             eval_losses, metrics = self.eval_epoch(epoch)
             self._sync_clock()
-            last = epoch in (args.total_epoch, args.stop_after_epoch) or self.time_is_up()
+            if args.max_minutes:
+                last = self.time_is_up() or epoch == args.stop_after_epoch
+            else:
+                last = epoch in (args.total_epoch, args.stop_after_epoch)
             if self.process.is_main:
-                self.record_epoch(epoch, train_losses, eval_losses, metrics, save_networks=last or epoch % args.save_freq == 0)
+                self.record_epoch(epoch, train_losses, eval_losses, metrics,
+                                  save_networks=last or epoch % args.save_freq == 0)
             if last:
                 break
+            epoch += 1
         self.check_replicas_agree()
         return epoch
 

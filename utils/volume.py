@@ -4,8 +4,10 @@ Loading and checking a NIfTI, bringing it to the closest canonical orientation (
 axis is the last one), the one intensity normalisation and its inverse, cutting into and re-stacking
 axial slices, and writing a result back in the input's own orientation.
 """
+import gzip
 import os
 import warnings
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -32,17 +34,41 @@ def list_nifti(folder):
                   if name.endswith(NIFTI_SUFFIXES) and not name.startswith('.'))
 
 
+def one_line(error):
+    """An exception's text folded onto one line."""
+    return ' '.join(str(error).split()) or type(error).__name__
+
+
+def check_gzip_stream(path, chunk=1 << 24):
+    """Read a .gz file to its end so its checksum is verified: nibabel stops at the end of the voxel data,
+    which lets a damaged stream through as garbage voxels."""
+    try:
+        with gzip.open(path, 'rb') as stream:
+            while stream.read(chunk):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise UserError(f'{path}: damaged gzip stream ({one_line(error)}); the file is truncated or corrupt: '
+                        'copy or export it again') from None
+
+
 def load_volume(path):
     """Load a 3-D NIfTI as a float32 nibabel image, or raise UserError saying what is wrong with it.
 
     A 4-D file with a single volume is accepted; non-finite voxels are set to 0 with a warning.
     """
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: file not found')
+    if path.endswith('.gz'):
+        check_gzip_stream(path)
     try:
         image = nib.load(path)
-    except FileNotFoundError:
-        raise UserError(f'{path}: file not found') from None
     except Exception as error:
-        raise UserError(f'{path}: not a readable NIfTI file ({error})') from None
+        raise UserError(f'{path}: not a readable NIfTI file ({one_line(error)})') from None
+    dtype = image.get_data_dtype()
+    if dtype.kind == 'c':
+        raise UserError(f'{path}: complex-valued data; convert it to a magnitude image first')
+    if dtype.fields is not None or dtype.kind not in 'biuf':
+        raise UserError(f'{path}: voxels of type {dtype} (RGB or another non-scalar type); a grey-scale volume is expected')
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -59,7 +85,7 @@ def load_volume(path):
     try:
         data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except Exception as error:  # truncated gzip streams and short files end here
-        raise UserError(f'{path}: cannot read the voxel data ({type(error).__name__}: {error}); '
+        raise UserError(f'{path}: cannot read the voxel data ({type(error).__name__}: {one_line(error)}); '
                         'the file is truncated or corrupt') from None
     bad = ~np.isfinite(data)
     if bad.any():

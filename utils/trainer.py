@@ -242,6 +242,8 @@ class CycleGANTrainer:
             batch = real_A.shape[0]
             sums[:-1] += torch.stack([loss_G + loss_D, *(terms[t] for t in TERMS), loss_D]).double() * batch
             sums[-1] += batch
+            self.train_seconds += time.perf_counter() - started  # logging and samples below do not count
+            self.steps += 1
             if (iteration + 1) % self.args.log_freq == 0 or iteration == 0:
                 self._check_finite(sums, epoch, iteration)
                 if self.process.is_main:
@@ -252,8 +254,6 @@ class CycleGANTrainer:
             if self.process.is_main and iteration % self.args.sample_save_freq == 0:
                 self.save_samples(real_A, real_B, os.path.join(self.experiment_dir, 'sample', f'epoch_{epoch}',
                                                                f'iter_{iteration}.png'))
-            self.train_seconds += time.perf_counter() - started
-            self.steps += 1
         all_reduce_sum(sums)
         self._check_finite(sums, epoch, len(self.train_loader))
         return dict(zip(('Total', *TERMS, 'Discriminator'), (sums[:-1] / sums[-1]).tolist()))

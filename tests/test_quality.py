@@ -1,0 +1,98 @@
+"""Time-to-quality options: bfloat16 autocast on the CPU, the CPU recipe file, and benchmarks/quality.py."""
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, mni_t1, second_vendor, subject_volume
+from utils.arguments import parse_arguments
+from utils.losses import scheduled_weights
+from utils.trainer import CycleGANTrainer
+
+TINY = ['--ngf', '8', '--n_res_blocks', '2', '--ndf', '8', '--num_workers', '0', '--device', 'cpu',
+        '--batch_size', '2', '--lower_bound', '0.4', '--upper_bound', '0.6']
+
+
+def test_amp_on_cpu_trains_with_finite_losses(pickle_dataset, tmp_path):
+    args = parse_arguments(['-ex', 'amp', '--data_root', pickle_dataset, '--save_dir', str(tmp_path), '--amp', *TINY])
+    trainer = CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 'amp'))
+    before = [p.detach().clone() for p in trainer.nets['G_AB'].parameters()]
+    real_A, real_B = next(iter(trainer.train_loader))
+    for _ in range(3):
+        loss_G, terms, loss_D, fake_A, fake_B = trainer.step(real_A, real_B, scheduled_weights(args, 0.0))
+        assert torch.isfinite(loss_G) and torch.isfinite(loss_D)
+        assert all(torch.isfinite(value) for value in terms.values())
+    assert fake_B.dtype == torch.bfloat16  # the passes really ran in reduced precision
+    assert all(p.dtype == torch.float32 for p in trainer.nets['G_AB'].parameters())  # weights stay float32
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.nets['G_AB'].parameters()))
+
+
+def test_cpu_recipe_is_a_cyclegan_recipe():
+    """recipes/cpu.args parses, and its adversarial and cycle terms are on for at least the last third."""
+    args = parse_arguments(['@' + os.path.join(REPO, 'recipes', 'cpu.args'), '-ex', 'x'])
+    assert args.adv_weight > 0 and args.ccl_weight > 0 and args.oml_weight > 0
+    for fraction in np.linspace(2 / 3, 1, 21)[1:]:
+        weights = scheduled_weights(args, fraction * args.total_epoch)
+        assert weights.adv > 0 and weights.ccl > 0, fraction
+    # flags after the recipe override it
+    assert parse_arguments(['@' + os.path.join(REPO, 'recipes', 'cpu.args'), '-ex', 'x', '--ngf', '12']).ngf == 12
+
+
+@pytest.fixture(scope='module')
+def vendor_folders(tmp_path_factory):
+    """Six subjects of 6 mm NIfTI volumes per vendor."""
+    root = tmp_path_factory.mktemp('vendors')
+    template = mni_t1(6)
+    base = np.asarray(template.dataobj, dtype=np.float32)
+    for vendor in ('SIEMENS', 'Philips'):
+        os.makedirs(root / vendor)
+    for index in range(6):
+        a = subject_volume(base, index)
+        nib.save(nib.Nifti1Image(a, template.affine), root / 'SIEMENS' / f'subj_{index + 1:03d}.nii.gz')
+        nib.save(nib.Nifti1Image(second_vendor(a, index), template.affine),
+                 root / 'Philips' / f'subj_{index + 1:03d}.nii.gz')
+    return root
+
+
+def run_quality(*argv):
+    return subprocess.run([sys.executable, 'benchmarks/quality.py', *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
+    result = run_quality('--minutes', '0.03', '--data_dir', str(vendor_folders), '--work_dir', str(tmp_path),
+                         *TINY, '--lower_bound', '0.3', '--upper_bound', '0.7')
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['recipe_flags'][:2] == ['--ngf', '8']
+    (entry,) = report['results']
+    assert entry['minutes'] == 0.03
+    for method in ('recipe', 'paired_l1', 'unharmonized', 'histogram_matching'):
+        assert {'SSIM', 'PSNR', 'MAE'} <= set(entry[method]), method
+        assert 0 < entry[method]['SSIM'] <= 1 and entry[method]['PSNR'] > 0
+    assert entry['recipe']['train_wall_s'] > 0 and entry['paired_l1']['train_wall_s'] > 0
+    # the paired-L1 reference really trained without the other terms
+    with open(tmp_path / 'runs' / 'paired_l1_0.03min' / 'arguments.txt') as f:
+        paired = json.load(f)
+    assert paired['adv_weight'] == paired['ccl_weight'] == paired['identity_weight'] == 0
+    assert paired['ngf'] == 8
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--minutes', '0'], '--minutes must be positive'),
+    (['--minutes', '-2'], '--minutes must be positive'),
+    (['--minutes', '1', '--no_such_flag', '3'], 'unrecognized arguments: --no_such_flag'),
+    (['--minutes', '1', '--ngf', 'wide'], "--ngf: invalid int value"),
+])
+def test_quality_script_refuses_bad_input_before_training(argv, message, vendor_folders, tmp_path):
+    result = run_quality(*argv, '--data_dir', str(vendor_folders), '--work_dir', str(tmp_path / 'work'))
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error:') and message in last
+    assert not (tmp_path / 'work').exists()  # nothing prepared, trained or overwritten

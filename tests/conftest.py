@@ -63,6 +63,16 @@ def write_pickle_dataset(root, vendors=('SIEMENS', 'Philips'), subjects=(3, 1), 
     return str(root)
 
 
+@pytest.fixture(autouse=True, scope='session')
+def one_torch_thread():
+    """Tiny test networks run fastest on one thread (two threads spin on a loaded 2-core machine)."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope='session')
 def pickle_dataset(tmp_path_factory):
     """3 train + 1 eval subjects of 4 mm MNI slices (49x58) in the seed's layout."""

@@ -40,15 +40,6 @@ SHORT = {TRAIN: 'train', GENERATE: 'generate', INFER: 'inference'}
 VENDORS = ('SIEMENS', 'Philips')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """Tiny networks run fastest on one thread (and a loaded 2-core machine makes 2 threads spin)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---- running the scripts ------------------------------------------------------------------------
 
 Result = collections.namedtuple('Result', 'code out err')

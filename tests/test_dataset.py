@@ -15,15 +15,6 @@ from utils.safe_pickle import load_pickle
 VENDORS = ('SIEMENS', 'Philips')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """Tiny networks run fastest on one thread (and a loaded 2-core machine makes 2 threads spin)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def dump(path, obj, protocol=pickle.DEFAULT_PROTOCOL):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'wb') as f:

@@ -32,14 +32,6 @@ PERCENTILE = 99.5
 EXPERIMENT = 'tiny'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---- volumes ------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

@@ -7,15 +7,6 @@ from model.discriminator import Discriminator
 from model.generator import Generator
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """Tiny networks run fastest on one thread (and a loaded 2-core machine makes 2 threads spin)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def count(module):
     return sum(p.numel() for p in module.parameters())
 

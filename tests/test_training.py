@@ -25,14 +25,6 @@ from utils.losses import (TERMS, LossWeights, discriminator_loss, full_weights, 
                           scheduled_weights)
 from utils.trainer import CycleGANTrainer, lr_factor
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """Tiny networks run fastest on one thread (and a loaded 2-core machine makes 2 threads spin)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 TINY = ['--ngf', '8', '--n_res_blocks', '2', '--ndf', '8', '--num_workers', '0', '--device', 'cpu']
 

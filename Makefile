@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := demo
 EXP    := demo
-TRAIN_MINUTES ?= 8
+TRAIN_MINUTES ?= 7
 
 .PHONY: venv test demo bench quality clean-demo
 

@@ -82,7 +82,8 @@ def main(argv=None):
             print(f'training on {device} ({process.world_size} process{"es" if process.distributed else ""}): '
                   f'{len(trainer.train_set)} train / {len(trainer.eval_set)} eval slices of '
                   f'{trainer.train_set.image_size[0]}x{trainer.train_set.image_size[1]}, '
-                  f'epochs {trainer.start_epoch}..{args.total_epoch}')
+                  + (f'for {args.max_minutes:g} minutes of training steps' if args.max_minutes
+                     else f'epochs {trainer.start_epoch}..{args.total_epoch}'))
         try:
             last_epoch = trainer.fit()
         except KeyboardInterrupt:

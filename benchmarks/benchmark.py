@@ -450,11 +450,11 @@ def print_table(title, header, rows):
 
 def summarize(entries, matmul, amp):
     """The headline figures: the largest trained size, and the default generator at inference."""
-    precision = [e for e in entries['training'] if (e['precision'] != 'float32') == amp]
+    training = [e for e in entries['training'] if (e['precision'] != 'float32') == amp]
     inference = [e for e in entries['inference'] if (e['precision'] != 'float32') == amp]
     summary = {}
-    if precision:
-        train = max(precision, key=lambda e: e['ngf'] * e['n_res_blocks'])
+    if training:
+        train = max(training, key=lambda e: e['ngf'] * e['n_res_blocks'])
         summary.update(train_step_speedup=train['train_step_speedup'],
                        train_samples_per_s=train['train_samples_per_s'],
                        reference_train_samples_per_s=train['reference_samples_per_s'],

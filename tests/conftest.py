@@ -82,3 +82,12 @@ def pickle_dataset(tmp_path_factory):
 TINY_TRAIN_FLAGS = ['--total_epoch', '2', '--batch_size', '2', '--ngf', '8', '--n_res_blocks', '2', '--ndf', '8',
                     '--decay_epoch', '1', '--save_freq', '1', '--num_workers', '0', '--device', 'cpu',
                     '--lower_bound', '0.3', '--upper_bound', '0.6', '--sample_save_freq', '1000', '--log_freq', '1000']
+
+
+def tiny_train_flags(**overrides):
+    """TINY_TRAIN_FLAGS with some values replaced (flag name without dashes -> value)."""
+    flags = list(TINY_TRAIN_FLAGS)
+    for name, value in overrides.items():
+        index = flags.index(f'--{name}')
+        flags[index + 1] = str(value)
+    return flags

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from nibabel.orientations import aff2axcodes, axcodes2ornt, ornt_transform
 
-from conftest import REPO, TINY_TRAIN_FLAGS, mni_t1, second_vendor, subject_volume
+from conftest import REPO, mni_t1, second_vendor, subject_volume, tiny_train_flags
 
 VENDORS = ('SIEMENS', 'Philips')
 PERCENTILE = 99.5
@@ -109,14 +109,6 @@ def snapshot(*folders):
 
 def correlation(a, b):
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
-
-
-def tiny_train_flags(**overrides):
-    flags = list(TINY_TRAIN_FLAGS)
-    for name, value in overrides.items():
-        index = flags.index(f'--{name}')
-        flags[index + 1] = str(value)
-    return flags
 
 
 # ---- one generated dataset shared by several tests ----------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from nibabel.orientations import (apply_orientation, axcodes2ornt, io_orientation, ornt_transform)
 from skimage.metrics import structural_similarity
 
-from conftest import REPO, TINY_TRAIN_FLAGS, mni_t1, second_vendor, subject_volume
+from conftest import REPO, mni_t1, second_vendor, subject_volume, tiny_train_flags
 from model.generator import Generator
 from utils.errors import run_cli
 
@@ -83,14 +83,6 @@ def raw_header(path):
 
 
 # ---- the experiment -----------------------------------------------------------------------------
-
-def tiny_train_flags(**overrides):
-    flags = list(TINY_TRAIN_FLAGS)
-    for name, value in overrides.items():
-        index = flags.index(f'--{name}')
-        flags[index + 1] = str(value)
-    return flags
-
 
 def train(data_root, save_dir, name, **overrides):
     flags = tiny_train_flags(lower_bound=0.45, upper_bound=0.55, **overrides)

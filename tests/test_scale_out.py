@@ -9,21 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN_FLAGS
+from conftest import REPO, tiny_train_flags
 from model.generator import Generator
 from utils.arguments import parse_arguments
 from utils.trainer import CycleGANTrainer
 
 FEW_SLICES = ['--lower_bound', '0.45', '--upper_bound', '0.55']
-
-
-def flags(**overrides):
-    """TINY_TRAIN_FLAGS with some values replaced (name without dashes -> value)."""
-    result = list(TINY_TRAIN_FLAGS)
-    for name, value in overrides.items():
-        i = result.index(f'--{name}')
-        result[i + 1] = str(value)
-    return result
 
 
 def train(args, cwd=REPO, timeout=300):
@@ -38,7 +29,7 @@ def generator_weights(path):
 def test_torchrun_two_cpu_processes(pickle_dataset, tmp_path):
     save_dir = tmp_path / 'results'
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-               '-ex', 'ddp', '--data_root', pickle_dataset, '--save_dir', str(save_dir), *flags(), *FEW_SLICES,
+               '-ex', 'ddp', '--data_root', pickle_dataset, '--save_dir', str(save_dir), *tiny_train_flags(), *FEW_SLICES,
                '--batch_size', '2']
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
@@ -52,7 +43,7 @@ def test_torchrun_two_cpu_processes(pickle_dataset, tmp_path):
 
     # the logged eval metrics equal a single-process evaluation of the saved weights
     args = parse_arguments(['-ex', 'single', '--data_root', pickle_dataset, '--save_dir', str(tmp_path / 'single'),
-                            *flags(), *FEW_SLICES])
+                            *tiny_train_flags(), *FEW_SLICES])
     trainer = CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 'single' / 'single'))
     trainer.nets['G_AB'].load_state_dict(generator_weights(experiment / 'model' / 'netG_S_to_P_epoch_2.pth'))
     trainer.nets['G_BA'].load_state_dict(generator_weights(experiment / 'model' / 'netG_P_to_S_epoch_2.pth'))
@@ -68,7 +59,7 @@ def test_torchrun_two_cpu_processes(pickle_dataset, tmp_path):
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(pickle_dataset, tmp_path):
-    common = ['--data_root', pickle_dataset, '--save_dir', str(tmp_path), *flags(total_epoch=4, decay_epoch=2),
+    common = ['--data_root', pickle_dataset, '--save_dir', str(tmp_path), *tiny_train_flags(total_epoch=4, decay_epoch=2),
               *FEW_SLICES]
     straight = train(['-ex', 'straight', *common])
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -92,7 +83,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(pickle_dataset, tmp_pat
 
 def test_killed_run_resumes_and_finishes(pickle_dataset, tmp_path):
     args = ['-ex', 'killed', '--data_root', pickle_dataset, '--save_dir', str(tmp_path),
-            *flags(total_epoch=4, decay_epoch=2), '--lower_bound', '0.3', '--upper_bound', '0.7']
+            *tiny_train_flags(total_epoch=4, decay_epoch=2), '--lower_bound', '0.3', '--upper_bound', '0.7']
     process = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     last_state = tmp_path / 'killed' / 'model' / 'last.pth'
@@ -113,7 +104,7 @@ def test_killed_run_resumes_and_finishes(pickle_dataset, tmp_path):
 
 
 def test_resume_refuses_missing_state_and_changed_networks(pickle_dataset, tmp_path):
-    args = ['-ex', 'r', '--data_root', pickle_dataset, '--save_dir', str(tmp_path), *flags(), *FEW_SLICES]
+    args = ['-ex', 'r', '--data_root', pickle_dataset, '--save_dir', str(tmp_path), *tiny_train_flags(), *FEW_SLICES]
     missing = train([*args, '--resume'])
     assert missing.returncode == 2
     assert 'last.pth not found' in missing.stderr and 'Traceback' not in missing.stderr

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from model.generator import Generator
 from utils.arguments import CliParser, load_arguments
 from utils.checkpoint import generator_filename, load_weights, saved_generator_epochs, vendor_tags
-from utils.device import autocast, pick_device
+from utils.cpu_memory import keep_freed_memory
+from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp
 from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
 from utils.metrics import volume_metrics
@@ -194,13 +195,15 @@ def print_metrics_table(table):
 
 
 def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experiment=None, epoch=None,
-         results_root=None, reference_dir=None, batch_size=None, device=None, overwrite=False, amp=False):
+         results_root=None, reference_dir=None, batch_size=None, device=None, overwrite=False, amp='off'):
     """Harmonize every NIfTI in data_dir into save_dir; returns the list of volumes that failed."""
+    keep_freed_memory()
     experiment = experiment or target_experiment
     epoch = epoch if epoch is not None else best_epochs.get(f'{src_vendor}_to_{trg_vendor}', 'best')
     batch_size = batch_size or globals()['batch_size']
     experiment_dir = os.path.join(results_root or save_root, experiment)
     torch_device = pick_device(device or globals()['device'])
+    amp = resolve_amp(amp, torch_device)
     if not os.path.isdir(data_dir):
         raise UserError(f'--input_dir {data_dir}: no such folder')
     inputs = list_nifti(data_dir)
@@ -214,7 +217,8 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
     scale = target_scale(experiment_dir, trg_vendor)
     check_writable_folder(save_dir, '--output_dir')
     os.makedirs(save_dir, exist_ok=True)
-    print(f'{experiment} {src_vendor}->{trg_vendor}, epoch {epoch_used}, on {torch_device}: '
+    print(f'{experiment} {src_vendor}->{trg_vendor}, epoch {epoch_used}, on {torch_device} in '
+          f'{amp_description(amp, torch_device)}: '
           f'{len(inputs)} volume(s) from {data_dir}')
 
     written, skipped, failed, rows = [], [], [], []
@@ -275,7 +279,9 @@ def build_parser():
     parser.add_argument('--reference_dir', help='target-vendor volumes with the same names: adds metrics.csv and previews')
     parser.add_argument('--batch_size', type=int, default=batch_size, help='slices per generator call')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=device)
-    parser.add_argument('--amp', action='store_true', help='bfloat16/float16 autocast (about 2x faster on recent CPUs)')
+    parser.add_argument('--amp', nargs='?', const='on', default='off', choices=AMP_CHOICES,
+                        help='bfloat16/float16 autocast: "--amp" alone is "on" (an error on CPUs without bfloat16 '
+                             'instructions, where it would be slow); "auto" uses it only where it is fast')
     parser.add_argument('--overwrite', action='store_true', help='redo volumes whose output already exists')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
     return parser

@@ -14,7 +14,8 @@ import sys
 import torch
 
 from utils.arguments import ARCHITECTURE_FLAGS, parse_arguments, save_arguments
-from utils.device import pick_device
+from utils.cpu_memory import keep_freed_memory
+from utils.device import amp_description, pick_device
 from utils.distributed import setup_process_group, teardown_process_group
 from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
@@ -59,6 +60,7 @@ def prepare_experiment_dir(args, experiment_dir):
 
 def main(argv=None):
     args = parse_arguments(argv)
+    keep_freed_memory()
     process = setup_process_group(args.device)
     try:
         device = pick_device(args.device)
@@ -79,7 +81,8 @@ def main(argv=None):
                                 f'({type(error).__name__}); start again without --resume') from None
         if process.is_main:
             prepare_experiment_dir(args, experiment_dir)
-            print(f'training on {device} ({process.world_size} process{"es" if process.distributed else ""}): '
+            print(f'training on {device} in {amp_description(trainer.amp, device)} '
+                  f'({process.world_size} process{"es" if process.distributed else ""}): '
                   f'{len(trainer.train_set)} train / {len(trainer.eval_set)} eval slices of '
                   f'{trainer.train_set.image_size[0]}x{trainer.train_set.image_size[1]}, '
                   + (f'for {args.max_minutes:g} minutes of training steps' if args.max_minutes

@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from inference_nii import harmonize_slices  # noqa: E402
 from model.discriminator import Discriminator  # noqa: E402
 from model.generator import Generator  # noqa: E402
-from utils.device import autocast, autocast_dtype, pick_device  # noqa: E402
+from utils.cpu_memory import keep_freed_memory  # noqa: E402
+from utils.device import amp_supported, autocast, autocast_dtype, pick_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.losses import LossWeights, discriminator_loss, generator_losses  # noqa: E402
 from utils.trainer import init_weights, set_requires_grad  # noqa: E402
@@ -73,17 +74,17 @@ def build_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     parser.add_argument('--quick', action='store_true',
-                        help='few iterations, training only the default networks at batch 1: '
-                             'under 3 minutes on an idle 2-core CPU')
+                        help='few iterations, training only the CPU-sized networks (a default-network step takes '
+                             '17 s on an AVX2 2-core CPU): under 3 minutes on an idle 2-core CPU')
     parser.add_argument('--amp', action='store_true',
                         help='also measure under utils.device.autocast (bfloat16 on CPU/recent GPUs): extra entries')
     parser.add_argument('--image_size', type=int, default=256, help='slices are IMAGE_SIZE x IMAGE_SIZE')
     parser.add_argument('--train_sizes', default=None,
-                        help='comma-separated network sizes to train (default, cpu); default: default with --quick, '
+                        help='comma-separated network sizes to train (default, cpu); default: cpu with --quick, '
                              'else cpu,default')
     parser.add_argument('--infer_sizes', default='cpu,default', help='comma-separated network sizes for inference')
     parser.add_argument('--train_batch', type=int, default=None,
-                        help='slices of each vendor per training step (default 1 with --quick, else 2)')
+                        help='slices of each vendor per training step (default 2)')
     parser.add_argument('--infer_batch', type=int, default=None,
                         help='harmonize_slices batch size (default 8 with --quick, else 16)')
     parser.add_argument('--single_slices', type=int, default=None,
@@ -514,6 +515,7 @@ def check_targets(result):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    keep_freed_memory()  # as train.py and inference_nii.py do
     for option in ('image_size', 'train_batch', 'infer_batch', 'single_slices', 'repeats', 'matmul_size', 'threads'):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UserError(f'--{option} must be at least 1')
@@ -524,21 +526,25 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # as train.py does
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     config = argparse.Namespace(
-        image_size=args.image_size, train_batch=args.train_batch or (1 if args.quick else 2),
+        image_size=args.image_size, train_batch=args.train_batch or 2,
         infer_batch=args.infer_batch or (8 if args.quick else 16),
         single_slices=args.single_slices or (4 if args.quick else 8),
         warmup=args.warmup if args.warmup is not None else 1,
         repeats=args.repeats or (2 if args.quick else 4))
     config.single_slices = min(config.single_slices, config.infer_batch)
-    train_sizes = parse_sizes(args.train_sizes or ('default' if args.quick else 'cpu,default'), '--train_sizes')
+    train_sizes = parse_sizes(args.train_sizes or ('cpu' if args.quick else 'cpu,default'), '--train_sizes')
     infer_sizes = parse_sizes(args.infer_sizes, '--infer_sizes')
-    precisions = [False, True] if args.amp else [False]
+    amp = args.amp and amp_supported(device)
+    precisions = [False, True] if amp else [False]
     matmul_n = config.matmul_n = args.matmul_size or (4096 if device.type == 'cuda' else 2048)
 
     print(f'device: {device} ({device_description(device)}), torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads, {os.cpu_count()} CPUs'
           + (', channels_last' if args.channels_last else ''))
     skipped = skipped_parts(device)
+    if args.amp and not amp:
+        skipped.append('--amp: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX), so autocast would '
+                       'use a slow generic kernel; skipped the autocast entries')
     for line in skipped:
         print(line)
     print(f'training at: {", ".join(s.describe() for s in train_sizes)}; {args.image_size}x{args.image_size}, '
@@ -552,7 +558,7 @@ def main(argv=None):
               'cudnn.benchmark on (as train.py)')
 
     # Each precision's forward is compared with the matmul rate of its own dtype.
-    matmul_dtypes = [torch.float32] + ([autocast_dtype(device)] if args.amp else [])
+    matmul_dtypes = [torch.float32] + ([autocast_dtype(device)] if amp else [])
     matmul = {dtype_name(dtype): matmul_rate(matmul_n, dtype, device, 5 if args.quick else 10)
               for dtype in matmul_dtypes}
     for name, rate in matmul.items():
@@ -592,7 +598,7 @@ def main(argv=None):
               'peak_memory_mib': peak_memory_mib(device), 'peak_memory_kind': memory_kind(device),
               'cpu_share_min': min(e['cpu_share'] for e in entries['inference'] + entries['training']),
               'skipped': skipped, **entries}
-    if args.amp:
+    if amp:
         result['amp'] = summarize(entries, matmul, amp=True)
     if profiles:
         result['profile_ms_per_slice'] = {name: {kind: ms for kind, ms, _ in rows} for name, rows in profiles.items()}

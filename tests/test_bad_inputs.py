@@ -597,6 +597,23 @@ def cuda_without_gpu(c):
     return c.train('--device', 'cuda')
 
 
+def without_bfloat16_instructions(c):
+    c.request.getfixturevalue('monkeypatch').setattr('utils.device.cpu_has_fast_bfloat16', lambda: False)
+
+
+@case(TRAIN, 2)
+def amp_on_a_cpu_without_bfloat16_instructions(c):
+    without_bfloat16_instructions(c)
+    c.names += ['--amp', 'bfloat16 instructions', '--amp auto']
+    return c.train('--amp')
+
+
+@case(TRAIN, 2)
+def amp_unknown_mode(c):
+    c.names += ['--amp', 'fast']
+    return c.train('--amp', 'fast')
+
+
 # train.py: data
 @case(TRAIN, 2)
 def missing_data_root(c):
@@ -1007,6 +1024,13 @@ def epoch_never_saved(c):
 def negative_batch_size_inference(c):
     c.names.append('--batch_size')
     return c.infer('--batch_size', '-4')
+
+
+@case(INFER, 2)
+def amp_on_a_cpu_without_bfloat16_instructions_inference(c):
+    without_bfloat16_instructions(c)
+    c.names += ['--amp', 'bfloat16 instructions']
+    return c.infer('--amp', 'on')
 
 
 @case(INFER, 2)

@@ -159,3 +159,36 @@ def test_discriminator_gives_one_logit_per_image(size, batch):
 def test_default_discriminator_shape():
     with torch.no_grad():
         assert Discriminator()(torch.zeros(2, 1, 50, 59)).shape == (2, 1)
+
+
+@pytest.mark.parametrize('in_channels, out_channels, kernel, shape', [(16, 1, 7, (2, 16, 30, 41)),
+                                                                      (6, 3, 3, (1, 6, 9, 12))])
+def test_shift_add_conv_equals_the_library_convolution(in_channels, out_channels, kernel, shape):
+    """The generator's last layer (taps as a 1x1 convolution, shifted and summed) matches nn.Conv2d in value
+    and in all three gradients, and keeps nn.Conv2d's parameters, so checkpoints load either way."""
+    from model.generator import ShiftAddConv2d
+    torch.manual_seed(0)
+    fast = ShiftAddConv2d(in_channels, out_channels, kernel)
+    library = torch.nn.Conv2d(in_channels, out_channels, kernel)
+    library.load_state_dict(fast.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    got, want = fast(x), library(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(want)
+    grads_got = torch.autograd.grad(got, [x, fast.weight, fast.bias], upstream)
+    grads_want = torch.autograd.grad(want, [x, library.weight, library.bias], upstream)
+    for name, g, w in zip(('input', 'weight', 'bias'), grads_got, grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
+    with torch.autocast('cpu', torch.bfloat16):  # bfloat16 taps, summed in float32: within bfloat16's 3 digits
+        got = fast(x)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 0.01 * want.abs().max()
+
+
+def test_generator_state_dict_keys_are_those_of_plain_layers():
+    """Checkpoints written before the faster last layer (plain nn.Conv2d) load into today's generator."""
+    generator = Generator(ngf=8, n_res_blocks=1)
+    assert isinstance(generator.model[-2], torch.nn.Conv2d)
+    keys = list(generator.state_dict())
+    assert keys[-2:] == [f'model.{len(generator.model) - 2}.weight', f'model.{len(generator.model) - 2}.bias']
+    assert all('taps' not in key for key in keys)

@@ -18,16 +18,21 @@ TINY = ['--ngf', '8', '--n_res_blocks', '2', '--ndf', '8', '--num_workers', '0',
         '--batch_size', '2', '--lower_bound', '0.4', '--upper_bound', '0.6']
 
 
-def test_amp_on_cpu_trains_with_finite_losses(pickle_dataset, tmp_path):
+def test_amp_on_cpu_trains_with_finite_losses(pickle_dataset, tmp_path, monkeypatch):
+    # On CPUs without bfloat16 instructions the same path runs on a slow kernel (fine for these tiny images).
+    monkeypatch.setattr('utils.device.cpu_has_fast_bfloat16', lambda: True)
     args = parse_arguments(['-ex', 'amp', '--data_root', pickle_dataset, '--save_dir', str(tmp_path), '--amp', *TINY])
     trainer = CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 'amp'))
     before = [p.detach().clone() for p in trainer.nets['G_AB'].parameters()]
     real_A, real_B = next(iter(trainer.train_loader))
+    conv_dtypes = set()
+    trainer.nets['G_AB'].model[1].register_forward_hook(lambda module, inputs, out: conv_dtypes.add(out.dtype))
     for _ in range(3):
         loss_G, terms, loss_D, fake_A, fake_B = trainer.step(real_A, real_B, scheduled_weights(args, 0.0))
         assert torch.isfinite(loss_G) and torch.isfinite(loss_D)
         assert all(torch.isfinite(value) for value in terms.values())
-    assert fake_B.dtype == torch.bfloat16  # the passes really ran in reduced precision
+    assert conv_dtypes == {torch.bfloat16}  # the passes really ran in reduced precision
+    assert fake_B.dtype == torch.float32  # the last layer sums its taps in float32
     assert all(p.dtype == torch.float32 for p in trainer.nets['G_AB'].parameters())  # weights stay float32
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.nets['G_AB'].parameters()))
 
@@ -96,3 +101,22 @@ def test_quality_script_refuses_bad_input_before_training(argv, message, vendor_
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('error:') and message in last
     assert not (tmp_path / 'work').exists()  # nothing prepared, trained or overwritten
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_amp_modes(fast, monkeypatch):
+    """off never autocasts; on autocasts where bfloat16 is fast and is an error elsewhere; auto follows the CPU."""
+    from utils.device import resolve_amp
+    from utils.errors import UserError
+    monkeypatch.setattr('utils.device.cpu_has_fast_bfloat16', lambda: fast)
+    cpu = torch.device('cpu')
+    assert resolve_amp('off', cpu) is False
+    assert resolve_amp('auto', cpu) is fast
+    if fast:
+        assert resolve_amp('on', cpu) is True
+    else:
+        with pytest.raises(UserError, match='--amp auto'):
+            resolve_amp('on', cpu)
+    assert parse_arguments(['-ex', 'x', '--amp']).amp == 'on'
+    assert parse_arguments(['-ex', 'x']).amp == 'off'
+    assert parse_arguments(['-ex', 'x', '--amp', 'auto']).amp == 'auto'

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 
+from utils.device import AMP_CHOICES
 from utils.errors import UserError
 
 
@@ -73,8 +74,10 @@ def build_parser():
     run.add_argument('--sample_save_freq', type=int, default=100, help='save a sample grid every N iterations')
     run.add_argument('--num_workers', type=int, default=1, help='DataLoader worker processes')
     run.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto', help='where to train')
-    run.add_argument('--amp', action='store_true',
-                     help='mixed precision: bfloat16 autocast on CPU and recent GPUs, float16 with a grad scaler on older GPUs')
+    run.add_argument('--amp', nargs='?', const='on', default='off', choices=AMP_CHOICES,
+                     help='mixed precision: bfloat16 autocast on CPUs with bfloat16 instructions and recent GPUs, '
+                          'float16 with a grad scaler on older GPUs. "--amp" alone is "on" (an error where it '
+                          'would be slow); "auto" uses it where it is fast and float32 elsewhere')
     run.add_argument('--channels_last', action='store_true', help='channels-last memory format (faster convs on GPU)')
     run.add_argument('--compile', action='store_true', help='torch.compile the networks (GPU; slow to start)')
     run.add_argument('--overwrite', action='store_true', help='replace an existing experiment folder of the same name')

@@ -22,7 +22,7 @@ from model.generator import Generator
 from utils import results
 from utils.checkpoint import (atomic_save, discriminator_filename, generator_filename, plain_state_dict,
                               vendor_tags)
-from utils.device import autocast, autocast_dtype
+from utils.device import autocast, autocast_dtype, resolve_amp
 from utils.distributed import ProcessGroupInfo, ShardSampler, all_reduce_sum
 from utils.errors import UserError
 from utils.losses import TERMS, discriminator_loss, full_weights, generator_losses, scheduled_weights
@@ -73,9 +73,7 @@ class CycleGANTrainer:
         self.tags = vendor_tags(args.vendor1, args.vendor2)
         self.model_dir = os.path.join(experiment_dir, 'model')
         self.loss_csv = os.path.join(experiment_dir, 'loss', 'loss.csv')
-        self.amp = args.amp
-        if self.amp:
-            autocast_dtype(device)  # raises a UserError where there is no reduced precision
+        self.amp = resolve_amp(args.amp, device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
         random.seed(args.random_seed)

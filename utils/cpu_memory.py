@@ -14,7 +14,8 @@ def keep_freed_memory():
     (and a heap top above its trim threshold) to the kernel, so every activation of the next forward pass
     is page-faulted and zeroed again. Measured on a 2-core CPU: a default generator forward on one 256x256
     slice took 0.99 s before and 0.84 s after, a batch of 8 went from 1.14 to 0.81 s per slice. The price
-    is that the process keeps its peak memory until it exits. Returns whether the settings took.
+    is memory: the process keeps its peak until it exits, and glibc lets the heap grow to a few times the largest
+    block before it reuses PyTorch's aligned blocks (inference peak 1.4 -> 1.7 GiB). Returns whether it took.
     """
     if not sys.platform.startswith('linux'):
         return False

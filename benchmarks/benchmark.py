@@ -66,7 +66,7 @@ class Size:
 
 
 SIZES = {'default': Size('default', 64, 9, 64),   # train.py's defaults
-         'cpu': Size('cpu', 16, 6, 64)}            # recipes/cpu.args
+         'cpu': Size('cpu', 16, 6, 16)}            # recipes/cpu.args
 
 
 def build_parser():

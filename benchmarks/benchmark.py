@@ -42,7 +42,7 @@ from inference_nii import harmonize_slices  # noqa: E402
 from model.discriminator import Discriminator  # noqa: E402
 from model.generator import Generator  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.device import amp_supported, autocast, autocast_dtype, pick_device  # noqa: E402
+from utils.device import amp_description, amp_supported, autocast, autocast_dtype, pick_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.losses import LossWeights, discriminator_loss, generator_losses  # noqa: E402
 from utils.trainer import init_weights, set_requires_grad  # noqa: E402
@@ -290,7 +290,7 @@ def measure_training(size, config, device, amp, memory_format):
     step_ours, step_reference = statistics.median(times_ours), statistics.median(times_reference)
     return {
         'size': size.name, 'ngf': size.ngf, 'n_res_blocks': size.n_res_blocks, 'ndf': size.ndf,
-        'image_size': config.image_size, 'batch': config.train_batch, 'precision': precision_name(device, amp),
+        'image_size': config.image_size, 'batch': config.train_batch, 'precision': amp_description(amp, device),
         'ours_step_s': step_ours, 'reference_step_s': step_reference,
         'ours_step_s_all': times_ours, 'reference_step_s_all': times_reference,
         'train_samples_per_s': config.train_batch / step_ours,
@@ -356,7 +356,7 @@ def measure_inference(size, config, device, amp, memory_format, flops, matmul_dt
     single_rate = len(single) / statistics.median(times_single)
     return {
         'size': size.name, 'ngf': size.ngf, 'n_res_blocks': size.n_res_blocks, 'image_size': config.image_size,
-        'batch': config.infer_batch, 'precision': precision_name(device, amp),
+        'batch': config.infer_batch, 'precision': amp_description(amp, device),
         'inference_slices_per_s': batched_rate, 'single_slices_per_s': single_rate,
         'batched_inference_speedup': batched_rate / single_rate,
         'batched_call_s_all': times_batched, 'single_loop_s_all': times_single,
@@ -410,10 +410,6 @@ def profile_forward(size, config, device, amp, memory_format):
     total = sum(groups.values())
     rows = sorted(groups.items(), key=lambda item: -item[1])
     return [(kind, ms / config.infer_batch, ms / total) for kind, ms in rows if ms / total >= 0.005]
-
-
-def precision_name(device, amp):
-    return f'autocast {dtype_name(autocast_dtype(device))}' if amp else 'float32'
 
 
 def matmul_dtype_of(precision):
@@ -583,10 +579,10 @@ def main(argv=None):
     if args.profile:
         for amp in precisions:
             for size in infer_sizes:
-                name = f'{size.name} {precision_name(device, amp)}'
+                name = f'{size.name} {amp_description(amp, device)}'
                 profiles[name] = profile_forward(size, config, device, amp, memory_format)
                 print_table(f'profile: one forward of the {size.name} generator, batch {config.infer_batch}, '
-                            f'{precision_name(device, amp)} (self time)', ['layers', 'ms/slice', 'share'],
+                            f'{amp_description(amp, device)} (self time)', ['layers', 'ms/slice', 'share'],
                             [[kind, f'{ms:.1f}', f'{share:.1%}'] for kind, ms, share in profiles[name]])
 
     result = {'device': str(device), 'device_name': device_description(device), 'torch': torch.__version__,

@@ -11,9 +11,6 @@ class ShiftAddConv2d(nn.Conv2d):
     backward. Other devices use the library kernel.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size):
-        super().__init__(in_channels, out_channels, kernel_size)
-
     def forward(self, x):
         if x.device.type != 'cpu':
             return super().forward(x)

@@ -21,12 +21,13 @@ from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
 from utils.trainer import CycleGANTrainer
 
-# Measured on an H200 (benchmarks/gpu_check.sh; 2 epochs of the demo data at the seed's defaults, 3 seeds):
+# Measured on an H200 (benchmarks/gpu_check.sh; 2 epochs of the demo data at the seed's defaults; 6 runs, 2 seeds):
 # bfloat16 autocast training stalled at an eval PSNR of about 16 dB where float32 reached 25-26 dB.
 # Forcing instance norm, the discriminators or the output layer to float32 did not change it.
 CUDA_AMP_WARNING = ('warning: --amp on a GPU: in short runs on an H200 bfloat16 training reached an eval PSNR of '
                     'about 16 dB where float32 reached 25-26 dB (cause not found yet); compare loss/loss.csv with '
                     'a float32 run before relying on it')
+
 
 def load_resume_state(args, experiment_dir):
     """model/last.pth of the experiment, checked against the flags that fix the networks' shapes."""

@@ -21,14 +21,6 @@ from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
 from utils.trainer import CycleGANTrainer
 
-# Measured on an H200 (benchmarks/gpu_check.sh; 2 epochs of the demo data at the seed's defaults; 6 runs, 2 seeds):
-# bfloat16 autocast training stalled at an eval PSNR of about 16 dB where float32 reached 25-26 dB.
-# Forcing instance norm, the discriminators or the output layer to float32 did not change it.
-CUDA_AMP_WARNING = ('warning: --amp on a GPU: in short runs on an H200 bfloat16 training reached an eval PSNR of '
-                    'about 16 dB where float32 reached 25-26 dB (cause not found yet); compare loss/loss.csv with '
-                    'a float32 run before relying on it')
-
-
 def load_resume_state(args, experiment_dir):
     """model/last.pth of the experiment, checked against the flags that fix the networks' shapes."""
     path = os.path.join(experiment_dir, 'model', 'last.pth')
@@ -95,8 +87,6 @@ def main(argv=None):
                   f'{trainer.train_set.image_size[0]}x{trainer.train_set.image_size[1]}, '
                   + (f'for {args.max_minutes:g} minutes of training steps' if args.max_minutes
                      else f'epochs {trainer.start_epoch}..{args.total_epoch}'))
-        if process.is_main and trainer.amp and device.type == 'cuda':
-            print(CUDA_AMP_WARNING, file=sys.stderr)
         try:
             last_epoch = trainer.fit()
         except KeyboardInterrupt:

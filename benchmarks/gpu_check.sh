@@ -38,7 +38,7 @@ TRAIN=(train.py --data_root "$OUT/dataset" --save_dir "$OUT/runs" --device cuda 
 step train_fp32 "$PY" "${TRAIN[@]}" -ex fp32 --total_epoch 3 --decay_epoch 1 --stop_after_epoch 2 --overwrite
 step resume "$PY" "${TRAIN[@]}" -ex fp32 --total_epoch 3 --decay_epoch 1 --resume
 step train_amp "$PY" "${TRAIN[@]}" -ex amp --total_epoch 2 --decay_epoch 1 --amp --channels_last --overwrite
-# Inference from the float32 model (bfloat16 training stalled at ~16 dB on an H200: see the README), in bfloat16.
+# Inference from the float32 model, in bfloat16.
 step inference "$PY" inference_nii.py --experiment fp32 --save_dir "$OUT/runs" --epoch latest --device cuda --amp \
     --input_dir "$OUT/dataset/testset/SIEMENS" --reference_dir "$OUT/dataset/testset/Philips" \
     --output_dir "$OUT/runs/fp32/testset" --overwrite

@@ -32,3 +32,32 @@ def test_benchmark_prints_the_figures_and_what_it_skipped():
         assert 'amp' in result
     else:  # --amp asked for, and said out loud that it was skipped
         assert any(line.startswith('--amp') for line in result['skipped']) and 'amp' not in result
+
+
+def test_amp_precision_variants_put_only_the_downsamplings_back_in_bfloat16():
+    """benchmarks/amp_precision.py's variants change what they say: both downsamplings, or all but the first,
+    autocast to bfloat16; the unchanged generator keeps both in float32. Run apart: the variants patch classes."""
+    code = '''
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import amp_precision
+from model.generator import Generator, Float32Conv2d
+if sys.argv[1] != "as_is":
+    amp_precision.autocast_downsamplings(keep_first_in_float32=sys.argv[1] == "first_only")
+generator, dtypes = Generator(ngf=8, n_res_blocks=1), []
+for layer in generator.model:
+    if isinstance(layer, Float32Conv2d):
+        layer.register_forward_hook(lambda m, i, o: dtypes.append(str(o.dtype).replace("torch.", "")))
+with torch.autocast("cpu", torch.bfloat16):
+    generator(torch.zeros(1, 1, 16, 16))
+print(" ".join(dtypes))
+'''
+    want = {'as_is': 'float32 float32', 'first_only': 'float32 bfloat16', 'bf16_downsampling': 'bfloat16 bfloat16'}
+    for variant, dtypes in want.items():
+        done = subprocess.run([sys.executable, '-c', code, variant], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == dtypes.split(), variant
+    done = subprocess.run([sys.executable, 'benchmarks/amp_precision.py', 'bogus'], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and 'usage' in done.stderr and 'Traceback' not in done.stderr

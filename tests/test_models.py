@@ -192,3 +192,36 @@ def test_generator_state_dict_keys_are_those_of_plain_layers():
     keys = list(generator.state_dict())
     assert keys[-2:] == [f'model.{len(generator.model) - 2}.weight', f'model.{len(generator.model) - 2}.bias']
     assert all('taps' not in key for key in keys)
+
+
+def test_downsamplings_stay_float32_under_autocast():
+    """Under --amp the generator's two stride-2 convolutions run in float32 (in bfloat16 they stalled CUDA
+    training at 16 dB): exactly the float32 result, float32 gradients; every other convolution is autocast."""
+    from model.generator import Float32Conv2d
+    torch.manual_seed(0)
+    generator = Generator(ngf=8, n_res_blocks=1)
+    x = torch.rand(2, 1, 28, 36) * 2 - 1
+    dtypes = {}
+    for name, layer in generator.named_modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            layer.register_forward_hook(lambda m, i, o, name=name: dtypes.__setitem__(name, (i[0].dtype, o.dtype)))
+    with torch.autocast('cpu', torch.bfloat16):
+        generator(x).float().mean().backward()
+    downsamplings = [name for name, layer in generator.named_modules() if isinstance(layer, Float32Conv2d)]
+    assert len(downsamplings) == 2
+    for name, (input_dtype, output_dtype) in dtypes.items():
+        if name in downsamplings:
+            assert output_dtype == torch.float32, name
+        elif name != f'model.{len(generator.model) - 2}':  # the last layer sums its taps in float32
+            assert output_dtype == torch.bfloat16, name
+    first = generator.model[4]
+    assert first in [dict(generator.named_modules())[n] for n in downsamplings]
+    assert first.weight.grad.dtype == torch.float32
+    features = torch.randn(2, 8, 14, 18)
+    plain = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    plain.load_state_dict(first.state_dict())
+    with torch.autocast('cpu', torch.bfloat16):
+        got = first(features.bfloat16())
+    assert torch.equal(got, plain(features.bfloat16().float()))
+    with torch.device('meta'):  # the benchmark counts FLOPs on the meta device
+        assert Generator(ngf=8, n_res_blocks=1)(torch.empty(1, 1, 28, 36)).shape == (1, 1, 28, 36)

@@ -34,7 +34,8 @@ class Float32Conv2d(nn.Conv2d):
     bfloat16 or in float16, training stalled at an eval PSNR of 16 dB where float32 reached 24 dB, with
     or without cuDNN and whether or not the pure-background slices were left out; with only the first in
     float32, one direction still stalled. With both in float32 the rest of the generator trains in
-    bfloat16 to the float32 figures. They are about 5% of the generator's multiply-adds.
+    bfloat16 to the float32 figures (benchmarks/amp_precision.py reruns these variants). They are about 5%
+    of the generator's multiply-adds.
     """
 
     def forward(self, x):

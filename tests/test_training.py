@@ -20,6 +20,7 @@ from dataset.dataset import Paired_Dataset
 from model.discriminator import Discriminator
 from model.generator import Generator
 from utils import metrics
+from utils.errors import UserError
 from utils.arguments import parse_arguments
 from utils.losses import (TERMS, LossWeights, discriminator_loss, full_weights, generator_losses,
                           scheduled_weights)
@@ -277,6 +278,36 @@ def test_zero_weight_terms_cost_nothing(pickle_dataset, tmp_path, flags):
         assert not trainer.optimizer_D.state
     for name in ('G_AB', 'G_BA'):
         assert any(not torch.equal(p.detach(), before[name][k]) for k, p in trainer.nets[name].named_parameters())
+
+
+@pytest.mark.parametrize('gan_slices', [1, 2])
+def test_gan_slices_terms_are_the_documented_terms_of_the_first_slices(tiny_nets, gan_slices):
+    """Cycle and adversarial terms over the first N slices, paired and identity terms over the whole batch."""
+    (G_AB, G_BA, D_A, D_B), a, b = tiny_nets
+    weights = full_weights(parse_arguments(['-ex', 'x']))
+    terms, _, _ = generator_losses(a, b, G_AB, G_BA, D_A, D_B, weights, 0.9, gan_slices)
+    with torch.no_grad():
+        whole, _, _ = hand_terms(a, b, G_AB, G_BA, D_A, D_B, 0.9)
+        first, _, _ = hand_terms(a[:gan_slices], b[:gan_slices], G_AB, G_BA, D_A, D_B, 0.9)
+    for name, expected in (('Cycle', first), ('Adversarial', first), ('Matching', whole), ('Identity', whole)):
+        assert terms[name].item() == pytest.approx(expected[name].item(), rel=1e-5, abs=1e-6), name
+    assert terms['Cycle'].item() != pytest.approx(whole['Cycle'].item(), rel=1e-3)
+
+
+def test_gan_slices_runs_the_cycle_and_discriminators_on_part_of_the_batch(pickle_dataset, tmp_path):
+    """--gan_slices 1: the translations (and identity passes) see the whole batch, the cycle passes and both
+    discriminators one slice."""
+    trainer = make_trainer(pickle_dataset, tmp_path, '--gan_slices', '1', '--batch_size', '3')
+    weights = full_weights(trainer.args)
+    real_A, real_B = first_batch(trainer)
+    n = real_A.shape[0]
+    assert n == 3
+    counter = ImageCounter(trainer.nets)
+    trainer.step(real_A, real_B, weights)
+    assert counter.images['G_AB'] == counter.images['G_BA'] == 2 * n + 1  # translation + identity, cycle on 1
+    assert counter.images['D_A'] == counter.images['D_B'] == 1 + 2  # the generator loss, then real + fake
+    with pytest.raises(UserError, match='--gan_slices'):
+        make_args(pickle_dataset, tmp_path, '--gan_slices', '-1')
 
 
 def test_warm_up_step_runs_only_the_paired_term(pickle_dataset, tmp_path):

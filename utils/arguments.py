@@ -54,6 +54,9 @@ def build_parser():
                        help='after the warm-up, epochs over which those terms ramp linearly to their full weight')
     train.add_argument('--real_label', type=float, default=1.0,
                        help='target of "real" in the adversarial losses (below 1 is one-sided label smoothing)')
+    train.add_argument('--gan_slices', type=int, default=0,
+                       help='compute the cycle, adversarial and discriminator terms on only the first N slices of '
+                            'each batch (0: all); the paired and identity terms always use the whole batch')
     train.add_argument('--lower_bound', type=float, default=0.1,
                        help='fraction of each subject\'s slices (in slice order) skipped at the start')
     train.add_argument('--upper_bound', type=float, default=0.9,
@@ -111,6 +114,8 @@ def check_arguments(args):
     for name in ('adv_weight', 'ccl_weight', 'identity_weight', 'oml_weight', 'warmup_epochs', 'rampup_epochs'):
         if getattr(args, name) < 0:
             raise UserError(f'--{name} must be 0 or more')
+    if args.gan_slices < 0:
+        raise UserError('--gan_slices must be 0 (the whole batch) or more')
     if not 0 < args.real_label <= 1:
         raise UserError('--real_label must be in (0, 1]')
     if args.max_minutes is not None and not args.max_minutes > 0:

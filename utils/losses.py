@@ -6,7 +6,8 @@ Generator loss = adv * Adversarial + ccl * Cycle + identity * Identity + oml * M
   Identity    = |G_AB(B) - B| + |G_BA(A) - A|
   Matching    = |G_AB(A) - B| + |G_BA(B) - A|          (the paired, "original matching" term)
 Each discriminator: BCE(D(real), real) + BCE(D(fake.detach()), 0).
-A term whose weight is zero costs nothing: its generator passes are not run.
+A term whose weight is zero costs nothing: its generator passes are not run. With gan_slices = N > 0 the
+cycle and adversarial terms (and the discriminators' loss) see only the first N slices of the batch.
 """
 from dataclasses import dataclass
 
@@ -62,7 +63,7 @@ def _run(generator, *batches):
     return torch.split(generator(torch.cat(batches)), [b.shape[0] for b in batches])
 
 
-def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1.0):
+def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1.0, gan_slices=0):
     """Loss terms of one batch (unweighted, each a scalar tensor) and the fakes (None when not needed).
 
     Runs each needed generator pass once: A->B and B->A fakes (with the identity passes batched
@@ -83,10 +84,11 @@ def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1
         same_A, = _run(G_BA, real_A)
     if weights.identity:
         terms['Identity'] = _l1(same_B, real_B) + _l1(same_A, real_A)
+    n = gan_slices or real_A.shape[0]
     if weights.adv:
-        terms['Adversarial'] = _bce_to(D_B(fake_B), real_label) + _bce_to(D_A(fake_A), real_label)
+        terms['Adversarial'] = _bce_to(D_B(fake_B[:n]), real_label) + _bce_to(D_A(fake_A[:n]), real_label)
     if weights.ccl:
-        terms['Cycle'] = _l1(G_BA(fake_B), real_A) + _l1(G_AB(fake_A), real_B)
+        terms['Cycle'] = _l1(G_BA(fake_B[:n]), real_A[:n]) + _l1(G_AB(fake_A[:n]), real_B[:n])
     if weights.oml:
         terms['Matching'] = _l1(fake_B, real_B) + _l1(fake_A, real_A)
     return terms, fake_A, fake_B

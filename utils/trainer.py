@@ -193,8 +193,8 @@ class CycleGANTrainer:
         nets, plain = self.train_nets, self.nets
         set_requires_grad([plain['D_A'], plain['D_B']], False)
         with autocast(self.device, self.amp):
-            terms, fake_A, fake_B = generator_losses(real_A, real_B, nets['G_AB'], nets['G_BA'],
-                                                     plain['D_A'], plain['D_B'], weights, self.args.real_label)
+            terms, fake_A, fake_B = generator_losses(real_A, real_B, nets['G_AB'], nets['G_BA'], plain['D_A'],
+                                                     plain['D_B'], weights, self.args.real_label, self.args.gan_slices)
             loss_G = weights.weighted_total(terms)
         self.optimizer_G.zero_grad(set_to_none=True)
         self.scaler.scale(loss_G).backward()
@@ -203,8 +203,9 @@ class CycleGANTrainer:
         if weights.adv:
             set_requires_grad([plain['D_A'], plain['D_B']], True)
             with autocast(self.device, self.amp):
-                loss_D = (discriminator_loss(nets['D_A'], real_A, fake_A, self.args.real_label)
-                          + discriminator_loss(nets['D_B'], real_B, fake_B, self.args.real_label))
+                n = self.args.gan_slices or real_A.shape[0]
+                loss_D = (discriminator_loss(nets['D_A'], real_A[:n], fake_A[:n], self.args.real_label)
+                          + discriminator_loss(nets['D_B'], real_B[:n], fake_B[:n], self.args.real_label))
             self.optimizer_D.zero_grad(set_to_none=True)
             self.scaler.scale(loss_D).backward()
             self.scaler.step(self.optimizer_D)

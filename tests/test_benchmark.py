@@ -61,3 +61,18 @@ print(" ".join(dtypes))
     done = subprocess.run([sys.executable, 'benchmarks/amp_precision.py', 'bogus'], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and 'usage' in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_step_cost_times_each_case_against_the_paired_step():
+    argv = ['--ngf', '4', '--n_res_blocks', '1', '--ndf', '4', '--batch_size', '2', '--height', '24', '--width', '24',
+            '--repeats', '1', '--gan_slices', '1']
+    done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.endswith('x')]
+    assert [' '.join(row[:-3]) for row in rows] == ['paired term only', 'CycleGAN, whole batch',
+                                                    'CycleGAN, --gan_slices 1']
+    assert rows[0][-1] == '1.00x' and all(float(row[-3]) > 0 for row in rows)
+    done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', '--batch_size', '0'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and '--batch_size' in done.stderr and 'Traceback' not in done.stderr

@@ -1,0 +1,73 @@
+"""Time of one training step by which loss terms it computes, relative to a paired (matching-only) step.
+
+    python benchmarks/step_cost.py @recipes/cpu.args          # the recipe's networks, batch and --gan_slices
+    python benchmarks/step_cost.py --ngf 64 --n_res_blocks 9 --ndf 64 --batch_size 4 --height 128 --width 128
+
+Runs CycleGANTrainer.step on random slices (the cost does not depend on the values) for: the paired term
+alone (the recipe's warm-up), the CycleGAN terms on the whole batch, and with --gan_slices N when given.
+Prints the median time of each and its ratio to the paired step. The CPU must be otherwise idle.
+"""
+import os
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from utils.arguments import CliParser, parse_arguments  # noqa: E402
+from utils.cpu_memory import keep_freed_memory  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.losses import LossWeights, full_weights  # noqa: E402
+from utils.trainer import CycleGANTrainer  # noqa: E402
+
+
+def build_trainer(args, device):
+    """A CycleGANTrainer with networks and optimizers but no data (only step() is used)."""
+    trainer = CycleGANTrainer.__new__(CycleGANTrainer)
+    trainer.args, trainer.device = args, device
+    trainer.amp, trainer.memory_format = False, torch.contiguous_format
+    trainer.process = types.SimpleNamespace(distributed=False)
+    trainer._build_networks()
+    return trainer
+
+
+def main(argv):
+    parser = CliParser(description=__doc__.splitlines()[0], fromfile_prefix_chars='@', allow_abbrev=False)
+    parser.add_argument('--height', type=int, default=99, help='slice height (the demo data: 99)')
+    parser.add_argument('--width', type=int, default=117, help='slice width (the demo data: 117)')
+    parser.add_argument('--repeats', type=int, default=6, help='timed rounds of 8 steps per case')
+    ours, train_argv = parser.parse_known_args(argv)
+    args = parse_arguments(['-ex', 'step_cost', *train_argv])
+    if args.max_minutes:
+        raise UserError('--max_minutes does not apply here')
+    keep_freed_memory()
+    torch.manual_seed(0)
+    trainer = build_trainer(args, torch.device('cpu'))
+    shape = (args.batch_size, 1, ours.height, ours.width)
+    real_A, real_B = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
+    full = full_weights(args)
+    paired = LossWeights(0.0, 0.0, 0.0, full.oml)
+    cases = {'paired term only': (paired, 0), 'CycleGAN, whole batch': (full, 0)}
+    if args.gan_slices:
+        cases[f'CycleGAN, --gan_slices {args.gan_slices}'] = (full, args.gan_slices)
+    times = {name: [] for name in cases}
+    for round_ in range(ours.repeats + 1):  # the first round warms up
+        for name, (weights, gan_slices) in cases.items():
+            trainer.args.gan_slices = gan_slices
+            started = time.perf_counter()
+            for _ in range(8):
+                trainer.step(real_A, real_B, weights)
+            if round_:
+                times[name].append((time.perf_counter() - started) / 8)
+    base = statistics.median(times['paired term only'])
+    print(f'batch {args.batch_size} of {ours.height}x{ours.width}, ngf {args.ngf}, {args.n_res_blocks} blocks, '
+          f'ndf {args.ndf}, {torch.get_num_threads()} threads; median of {ours.repeats} x 8 steps')
+    for name, values in times.items():
+        print(f'  {name:32s} {statistics.median(values) * 1000:8.1f} ms  {statistics.median(values) / base:.2f}x')
+
+
+if __name__ == '__main__':
+    run_cli(main)

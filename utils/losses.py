@@ -55,6 +55,11 @@ def _l1(a, b):
     return F.l1_loss(a.float(), b.float())
 
 
+def gan_part(gan_slices):
+    """The slices of a batch the cycle, adversarial and discriminator terms use: the first N, or all for 0."""
+    return slice(None, gan_slices or None)
+
+
 def _run(generator, *batches):
     """One generator pass over several batches at once (instance norm is per image, so this equals
     separate passes), split back into the batches."""
@@ -84,11 +89,11 @@ def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1
         same_A, = _run(G_BA, real_A)
     if weights.identity:
         terms['Identity'] = _l1(same_B, real_B) + _l1(same_A, real_A)
-    n = gan_slices or real_A.shape[0]
+    part = gan_part(gan_slices)
     if weights.adv:
-        terms['Adversarial'] = _bce_to(D_B(fake_B[:n]), real_label) + _bce_to(D_A(fake_A[:n]), real_label)
+        terms['Adversarial'] = _bce_to(D_B(fake_B[part]), real_label) + _bce_to(D_A(fake_A[part]), real_label)
     if weights.ccl:
-        terms['Cycle'] = _l1(G_BA(fake_B[:n]), real_A[:n]) + _l1(G_AB(fake_A[:n]), real_B[:n])
+        terms['Cycle'] = _l1(G_BA(fake_B[part]), real_A[part]) + _l1(G_AB(fake_A[part]), real_B[part])
     if weights.oml:
         terms['Matching'] = _l1(fake_B, real_B) + _l1(fake_A, real_A)
     return terms, fake_A, fake_B

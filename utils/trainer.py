@@ -25,7 +25,8 @@ from utils.checkpoint import (atomic_save, discriminator_filename, generator_fil
 from utils.device import autocast, autocast_dtype, resolve_amp
 from utils.distributed import ProcessGroupInfo, ShardSampler, all_reduce_sum
 from utils.errors import UserError
-from utils.losses import TERMS, discriminator_loss, full_weights, generator_losses, scheduled_weights
+from utils.losses import (TERMS, discriminator_loss, full_weights, gan_part, generator_losses,
+                          scheduled_weights)
 from utils.metrics import SetMetrics
 
 NETWORKS = ('G_AB', 'G_BA', 'D_A', 'D_B')
@@ -203,9 +204,9 @@ class CycleGANTrainer:
         if weights.adv:
             set_requires_grad([plain['D_A'], plain['D_B']], True)
             with autocast(self.device, self.amp):
-                n = self.args.gan_slices or real_A.shape[0]
-                loss_D = (discriminator_loss(nets['D_A'], real_A[:n], fake_A[:n], self.args.real_label)
-                          + discriminator_loss(nets['D_B'], real_B[:n], fake_B[:n], self.args.real_label))
+                part = gan_part(self.args.gan_slices)
+                loss_D = (discriminator_loss(nets['D_A'], real_A[part], fake_A[part], self.args.real_label)
+                          + discriminator_loss(nets['D_B'], real_B[part], fake_B[part], self.args.real_label))
             self.optimizer_D.zero_grad(set_to_none=True)
             self.scaler.scale(loss_D).backward()
             self.scaler.step(self.optimizer_D)

@@ -57,7 +57,9 @@ def without_empty_training_slices():
 
     def init(self, *args, **kwargs):
         build(self, *args, **kwargs)
-        if kwargs.get('split') == 'trainset' and self.cache is not None:
+        if kwargs.get('split') == 'trainset':
+            if self.cache is None:
+                sys.exit('no_empty needs the training slices cached in memory; this dataset is over the cache limit')
             keep = [i for i in range(len(self.paths)) if (self.cache[i] > -1).any()]
             print(f'no_empty: training on {len(keep)} of {len(self.paths)} slices')
             self.paths, self.cache = [self.paths[i] for i in keep], self.cache[keep]

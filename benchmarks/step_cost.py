@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
+from utils.device import amp_description, resolve_amp  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.losses import LossWeights, full_weights  # noqa: E402
 from utils.trainer import CycleGANTrainer  # noqa: E402
@@ -28,7 +29,8 @@ def build_trainer(args, device):
     """A CycleGANTrainer with networks and optimizers but no data (only step() is used)."""
     trainer = CycleGANTrainer.__new__(CycleGANTrainer)
     trainer.args, trainer.device = args, device
-    trainer.amp, trainer.memory_format = False, torch.contiguous_format
+    trainer.amp = resolve_amp(args.amp, device)  # --amp auto: bfloat16 only where this CPU has fast bfloat16
+    trainer.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     trainer.process = types.SimpleNamespace(distributed=False)
     trainer._build_networks()
     return trainer
@@ -43,11 +45,14 @@ def main(argv):
     args = parse_arguments(['-ex', 'step_cost', *train_argv])
     if args.max_minutes:
         raise UserError('--max_minutes does not apply here')
+    if args.device not in ('auto', 'cpu'):
+        raise UserError(f'--device {args.device}: this script times CPU steps; use benchmarks/benchmark.py on a GPU')
     keep_freed_memory()
     torch.manual_seed(0)
     trainer = build_trainer(args, torch.device('cpu'))
     shape = (args.batch_size, 1, ours.height, ours.width)
-    real_A, real_B = torch.rand(shape) * 2 - 1, torch.rand(shape) * 2 - 1
+    real_A, real_B = (torch.rand(shape).mul(2).sub(1).contiguous(memory_format=trainer.memory_format)
+                      for _ in range(2))
     full = full_weights(args)
     paired = LossWeights(0.0, 0.0, 0.0, full.oml)
     cases = {'paired term only': (paired, 0), 'CycleGAN, whole batch': (full, 0)}
@@ -64,7 +69,8 @@ def main(argv):
                 times[name].append((time.perf_counter() - started) / 8)
     base = statistics.median(times['paired term only'])
     print(f'batch {args.batch_size} of {ours.height}x{ours.width}, ngf {args.ngf}, {args.n_res_blocks} blocks, '
-          f'ndf {args.ndf}, {torch.get_num_threads()} threads; median of {ours.repeats} x 8 steps')
+          f'ndf {args.ndf}, {amp_description(trainer.amp, trainer.device)}, {torch.get_num_threads()} threads; '
+          f'median of {ours.repeats} x 8 steps')
     for name, values in times.items():
         print(f'  {name:32s} {statistics.median(values) * 1000:8.1f} ms  {statistics.median(values) / base:.2f}x')
 

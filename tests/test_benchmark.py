@@ -73,6 +73,8 @@ def test_step_cost_times_each_case_against_the_paired_step():
     assert [' '.join(row[:-3]) for row in rows] == ['paired term only', 'CycleGAN, whole batch',
                                                     'CycleGAN, --gan_slices 1']
     assert rows[0][-1] == '1.00x' and all(float(row[-3]) > 0 for row in rows)
-    done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', '--batch_size', '0'], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and '--batch_size' in done.stderr and 'Traceback' not in done.stderr
+    assert ', float32, ' in done.stdout.splitlines()[0]  # the precision the steps ran in (no --amp given)
+    for bad, flag in ((['--batch_size', '0'], '--batch_size'), (['--device', 'cuda'], '--device')):
+        done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', *bad], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and flag in done.stderr and 'Traceback' not in done.stderr

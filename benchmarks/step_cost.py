@@ -11,7 +11,6 @@ import os
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -19,21 +18,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.device import amp_description, resolve_amp  # noqa: E402
+from utils.device import amp_description  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.losses import LossWeights, full_weights  # noqa: E402
 from utils.trainer import CycleGANTrainer  # noqa: E402
-
-
-def build_trainer(args, device):
-    """A CycleGANTrainer with networks and optimizers but no data (only step() is used)."""
-    trainer = CycleGANTrainer.__new__(CycleGANTrainer)
-    trainer.args, trainer.device = args, device
-    trainer.amp = resolve_amp(args.amp, device)  # --amp auto: bfloat16 only where this CPU has fast bfloat16
-    trainer.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    trainer.process = types.SimpleNamespace(distributed=False)
-    trainer._build_networks()
-    return trainer
 
 
 def main(argv):
@@ -48,8 +36,7 @@ def main(argv):
     if args.device not in ('auto', 'cpu'):
         raise UserError(f'--device {args.device}: this script times CPU steps; use benchmarks/benchmark.py on a GPU')
     keep_freed_memory()
-    torch.manual_seed(0)
-    trainer = build_trainer(args, torch.device('cpu'))
+    trainer = CycleGANTrainer(args, torch.device('cpu'), experiment_dir='', build_data=False)  # writes nothing
     shape = (args.batch_size, 1, ours.height, ours.width)
     real_A, real_B = (torch.rand(shape).mul(2).sub(1).contiguous(memory_format=trainer.memory_format)
                       for _ in range(2))

@@ -67,7 +67,8 @@ def set_rng_state(state, shuffle_generator):
 
 
 class CycleGANTrainer:
-    def __init__(self, args, device, experiment_dir, process=None):
+    def __init__(self, args, device, experiment_dir, process=None, build_data=True):
+        """build_data=False: networks and optimizers only, for callers that feed step() themselves."""
         self.args, self.device, self.experiment_dir = args, device, experiment_dir
         self.process = process or ProcessGroupInfo()
         self.vendor_A, self.vendor_B = args.vendor1, args.vendor2
@@ -80,7 +81,8 @@ class CycleGANTrainer:
         random.seed(args.random_seed)
         np.random.seed(args.random_seed)
         torch.manual_seed(args.random_seed)
-        self._build_data()
+        if build_data:
+            self._build_data()
         self._build_networks()
         self.start_epoch = 1
         self.best = {}  # direction -> {'epoch': N, 'ssim': value}

@@ -29,6 +29,7 @@ from dataset import dataset  # noqa: E402
 from model import generator  # noqa: E402
 from utils import device as device_module  # noqa: E402
 from utils import trainer as trainer_module  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 VARIANTS = ('as_is', 'bf16_downsampling', 'first_only', 'fp16', 'no_cudnn', 'no_empty')
@@ -59,7 +60,8 @@ def without_empty_training_slices():
         build(self, *args, **kwargs)
         if kwargs.get('split') == 'trainset':
             if self.cache is None:
-                sys.exit('no_empty needs the training slices cached in memory; this dataset is over the cache limit')
+                raise UserError('no_empty needs the training slices cached in memory; this dataset is over the '
+                                'cache limit')
             keep = [i for i in range(len(self.paths)) if (self.cache[i] > -1).any()]
             print(f'no_empty: training on {len(keep)} of {len(self.paths)} slices')
             self.paths, self.cache = [self.paths[i] for i in keep], self.cache[keep]

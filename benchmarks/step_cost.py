@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.device import amp_description  # noqa: E402
+from utils.device import amp_description, pick_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.losses import LossWeights, full_weights  # noqa: E402
 from utils.trainer import CycleGANTrainer  # noqa: E402
@@ -33,13 +33,13 @@ def main(argv):
     args = parse_arguments(['-ex', 'step_cost', *train_argv])
     if args.max_minutes:
         raise UserError('--max_minutes does not apply here')
-    if args.device not in ('auto', 'cpu'):
-        raise UserError(f'--device {args.device}: this script times CPU steps; use benchmarks/benchmark.py on a GPU')
+    device = pick_device(args.device)
+    if device.type != 'cpu':
+        raise UserError(f'--device {args.device} picked {device.type}: this script times CPU steps; add --device cpu, '
+                        'or use benchmarks/benchmark.py on a GPU')
     keep_freed_memory()
-    trainer = CycleGANTrainer(args, torch.device('cpu'), experiment_dir='', build_data=False)  # writes nothing
-    shape = (args.batch_size, 1, ours.height, ours.width)
-    real_A, real_B = (torch.rand(shape).mul(2).sub(1).contiguous(memory_format=trainer.memory_format)
-                      for _ in range(2))
+    trainer = CycleGANTrainer(args, device, experiment_dir='', build_data=False)  # writes nothing
+    real_A, real_B = trainer._to_device(torch.rand(2, args.batch_size, 1, ours.height, ours.width) * 2 - 1)
     full = full_weights(args)
     paired = LossWeights(0.0, 0.0, 0.0, full.oml)
     cases = {'paired term only': (paired, 0), 'CycleGAN, whole batch': (full, 0)}

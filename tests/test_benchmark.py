@@ -6,6 +6,7 @@ import sys
 import torch
 
 from conftest import REPO
+from utils.device import amp_description, resolve_amp
 
 
 def test_benchmark_prints_the_figures_and_what_it_skipped():
@@ -65,7 +66,7 @@ print(" ".join(dtypes))
 
 def test_step_cost_times_each_case_against_the_paired_step():
     argv = ['--ngf', '4', '--n_res_blocks', '1', '--ndf', '4', '--batch_size', '2', '--height', '24', '--width', '24',
-            '--repeats', '1', '--gan_slices', '1']
+            '--repeats', '1', '--gan_slices', '1', '--amp', 'auto']
     done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -73,7 +74,8 @@ def test_step_cost_times_each_case_against_the_paired_step():
     assert [' '.join(row[:-3]) for row in rows] == ['paired term only', 'CycleGAN, whole batch',
                                                     'CycleGAN, --gan_slices 1']
     assert rows[0][-1] == '1.00x' and all(float(row[-3]) > 0 for row in rows)
-    assert ', float32, ' in done.stdout.splitlines()[0]  # the precision the steps ran in (no --amp given)
+    cpu = torch.device('cpu')  # the header names the precision --amp auto picks on this CPU
+    assert f', {amp_description(resolve_amp("auto", cpu), cpu)}, ' in done.stdout.splitlines()[0]
     for bad, flag in ((['--batch_size', '0'], '--batch_size'), (['--device', 'cuda'], '--device')):
         done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', *bad], cwd=REPO,
                               capture_output=True, text=True, timeout=300)

@@ -29,8 +29,7 @@ from dataset import dataset  # noqa: E402
 from model import generator  # noqa: E402
 from utils import device as device_module  # noqa: E402
 from utils import trainer as trainer_module  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 VARIANTS = ('as_is', 'bf16_downsampling', 'first_only', 'fp16', 'no_cudnn', 'no_empty')
 

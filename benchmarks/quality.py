@@ -13,6 +13,7 @@ Any flag this script does not know is passed to train.py.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,7 +70,8 @@ def prepare_data(args):
 
 
 def train_and_measure(label, flags, minutes, dataset, args):
-    """Train for `minutes`, harmonize the test volumes; returns the mean metrics per method and the wall time."""
+    """Train for `minutes`, harmonize the test volumes; returns the mean metrics per method, the wall time and
+    the optimizer steps taken."""
     experiment = f'{label}_{minutes:g}min'
     runs = os.path.join(args.work_dir, 'runs')
     os.makedirs(runs, exist_ok=True)
@@ -77,6 +79,8 @@ def train_and_measure(label, flags, minutes, dataset, args):
     run(['train.py', *flags, '-ex', experiment, '--data_root', dataset, '--save_dir', runs,
          '--max_minutes', str(minutes), '--overwrite'], os.path.join(runs, f'{experiment}.train.log'))
     wall = time.perf_counter() - started
+    with open(os.path.join(runs, f'{experiment}.train.log')) as f:
+        steps = int(re.findall(r'done after epoch \d+ \((\d+) steps', f.read())[-1])
     output = os.path.join(runs, experiment, 'testset', 'SIEMENS_to_Philips')
     run(['inference_nii.py', '--experiment', experiment, '--save_dir', runs, '--epoch', 'latest',
          '--input_dir', os.path.join(dataset, 'testset', 'SIEMENS'),
@@ -84,7 +88,7 @@ def train_and_measure(label, flags, minutes, dataset, args):
         os.path.join(runs, f'{experiment}.inference.log'))
     table = pd.read_csv(os.path.join(output, 'metrics.csv'))
     means = table.groupby('method')[['SSIM', 'PSNR', 'MAE']].mean()
-    return means, wall
+    return means, wall, steps
 
 
 def main(argv):
@@ -99,20 +103,20 @@ def main(argv):
     results = []
     for minutes in args.minutes:
         entry = {'minutes': minutes}
-        means, wall = train_and_measure(args.name, recipe, minutes, dataset, args)
-        entry[args.name] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1)}
+        means, wall, steps = train_and_measure(args.name, recipe, minutes, dataset, args)
+        entry[args.name] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}
         entry['unharmonized'] = means.loc['unharmonized'].to_dict()
         entry['histogram_matching'] = means.loc['histogram matching'].to_dict()
         if not args.skip_paired:
-            means, wall = train_and_measure('paired_l1', paired_flags, minutes, dataset, args)
-            entry['paired_l1'] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1)}
+            means, wall, steps = train_and_measure('paired_l1', paired_flags, minutes, dataset, args)
+            entry['paired_l1'] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}
         results.append(entry)
         print(f'\n{minutes:g} minutes of training (SSIM / PSNR dB / MAE against the real Philips volumes):')
         for method in (args.name, 'paired_l1', 'histogram_matching', 'unharmonized'):
             if method in entry:
                 m = entry[method]
                 print(f'  {method:<20} {m["SSIM"]:.4f}  {m["PSNR"]:6.2f}  {m["MAE"]:.4f}'
-                      + (f'   (trained {m["train_wall_s"]:.0f} s wall)' if 'train_wall_s' in m else ''))
+                      + (f'   ({m["steps"]} steps, trained {m["train_wall_s"]:.0f} s wall)' if 'steps' in m else ''))
         sys.stdout.flush()
     print(json.dumps({'recipe_flags': recipe, 'name': args.name, 'results': results}))
 

@@ -120,3 +120,53 @@ def test_amp_modes(fast, monkeypatch):
     assert parse_arguments(['-ex', 'x', '--amp']).amp == 'on'
     assert parse_arguments(['-ex', 'x']).amp == 'off'
     assert parse_arguments(['-ex', 'x', '--amp', 'auto']).amp == 'auto'
+
+
+def run_quality_seeds(*argv):
+    return subprocess.run([sys.executable, 'benchmarks/quality_seeds.py', *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='runs two trainings side by side, one core each')
+def test_quality_seeds_runs_recipe_and_paired_side_by_side(vendor_folders, tmp_path):
+    result = run_quality_seeds('--minutes', '0.03', '--seeds', '5', '--cores_per_job', '1', '--data_dir',
+                               str(vendor_folders), '--work_dir', str(tmp_path), *TINY, '--ccl_weight', '0.5')
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    (row,) = report['seeds']
+    assert row['seed'] == 5
+    for kind in ('recipe', 'paired_l1'):
+        assert 0 < row[kind]['SSIM'] <= 1 and row[kind]['steps'] > 0
+    assert abs(row['difference']['SSIM'] - (row['recipe']['SSIM'] - row['paired_l1']['SSIM'])) < 1e-12
+    assert report['mean_difference'] == row['difference']
+    assert 0 < report['histogram_matching']['SSIM'] <= 1
+    # each run trained with its seed on the CPU, the paired one without the other terms
+    with open(tmp_path / 'seed5_recipe' / 'runs' / 'recipe_0.03min' / 'arguments.txt') as f:
+        recipe = json.load(f)
+    with open(tmp_path / 'seed5_paired_l1' / 'runs' / 'paired_l1_0.03min' / 'arguments.txt') as f:
+        paired = json.load(f)
+    assert recipe['random_seed'] == paired['random_seed'] == 5
+    assert recipe['device'] == paired['device'] == 'cpu'
+    assert recipe['ccl_weight'] == 0.5 and paired['ccl_weight'] == paired['adv_weight'] == 0
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--seeds', '1', '2', '--cores_per_job', '4096'], '4 runs x 4096 cores need 16384 CPU cores'),
+    (['--seeds', '1', '1'], '--seeds has repeats'),
+    (['--random_seed', '3'], 'list the seeds in --seeds'),
+    (['--minutes', '0'], '--minutes must be positive'),
+    (['--no_such_flag', '3'], 'unrecognized arguments: --no_such_flag'),
+])
+def test_quality_seeds_refuses_bad_input_before_any_run(argv, message, vendor_folders, tmp_path):
+    result = run_quality_seeds(*argv, '--data_dir', str(vendor_folders), '--work_dir', str(tmp_path / 'work'))
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error:') and message in last
+    assert not (tmp_path / 'work').exists()
+
+
+def test_quality_seeds_names_a_data_dir_without_vendor_folders(tmp_path):
+    result = run_quality_seeds('--data_dir', str(tmp_path), '--work_dir', str(tmp_path / 'work'))
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert f'{tmp_path} has no SIEMENS/ folder' in result.stderr.strip().splitlines()[-1]

@@ -59,8 +59,9 @@ def without_empty_training_slices():
         build(self, *args, **kwargs)
         if kwargs.get('split') == 'trainset':
             if self.cache is None:
-                raise UserError('no_empty needs the training slices cached in memory; this dataset is over the '
-                                'cache limit')
+                root = kwargs.get('data_root') or args[0]
+                raise UserError(f'no_empty needs the training slices cached in memory, and {root} is over the cache '
+                                'limit; run it on a smaller dataset (fewer subjects)')
             keep = [i for i in range(len(self.paths)) if (self.cache[i] > -1).any()]
             print(f'no_empty: training on {len(keep)} of {len(self.paths)} slices')
             self.paths, self.cache = [self.paths[i] for i in keep], self.cache[keep]

@@ -80,7 +80,10 @@ def train_and_measure(label, flags, minutes, dataset, args):
          '--max_minutes', str(minutes), '--overwrite'], os.path.join(runs, f'{experiment}.train.log'))
     wall = time.perf_counter() - started
     with open(os.path.join(runs, f'{experiment}.train.log')) as f:
-        steps = int(re.findall(r'done after epoch \d+ \((\d+) steps', f.read())[-1])
+        steps = re.findall(r'done after epoch \d+ \((\d+) steps', f.read())
+    if not steps:
+        raise UserError(f'{runs}/{experiment}.train.log has no "done after epoch N (S steps" line: '
+                        'did train.py change its last line?', exit_code=1)
     output = os.path.join(runs, experiment, 'testset', 'SIEMENS_to_Philips')
     run(['inference_nii.py', '--experiment', experiment, '--save_dir', runs, '--epoch', 'latest',
          '--input_dir', os.path.join(dataset, 'testset', 'SIEMENS'),
@@ -88,11 +91,15 @@ def train_and_measure(label, flags, minutes, dataset, args):
         os.path.join(runs, f'{experiment}.inference.log'))
     table = pd.read_csv(os.path.join(output, 'metrics.csv'))
     means = table.groupby('method')[['SSIM', 'PSNR', 'MAE']].mean()
-    return means, wall, steps
+    return means, wall, int(steps[-1])
 
 
 def main(argv):
     args, recipe = build_parser().parse_known_args(argv)
+    # the scripts run in the repository: paths given relative to here must not change meaning
+    args.work_dir = os.path.abspath(args.work_dir)
+    args.data_dir = args.data_dir and os.path.abspath(args.data_dir)
+    given, recipe = recipe, ['@' + os.path.abspath(flag[1:]) if flag.startswith('@') else flag for flag in recipe]
     if any(not m > 0 for m in args.minutes):
         raise UserError('--minutes must be positive')
     parse_arguments(['-ex', 'check', *recipe])  # an unknown or bad recipe flag stops here, before any training
@@ -118,7 +125,7 @@ def main(argv):
                 print(f'  {method:<20} {m["SSIM"]:.4f}  {m["PSNR"]:6.2f}  {m["MAE"]:.4f}'
                       + (f'   ({m["steps"]} steps, trained {m["train_wall_s"]:.0f} s wall)' if 'steps' in m else ''))
         sys.stdout.flush()
-    print(json.dumps({'recipe_flags': recipe, 'name': args.name, 'results': results}))
+    print(json.dumps({'recipe_flags': given, 'name': args.name, 'results': results}))
 
 
 if __name__ == '__main__':

@@ -1,17 +1,19 @@
-"""The recipe against the paired-L1 reference over several seeds at once, every run on CPU cores of its own.
+"""The recipe against the paired-L1 reference over several seeds at once, every run on CPUs of its own.
 
     python benchmarks/quality_seeds.py --minutes 2 --seeds 1 2 3 4 --data_dir demo/nifti @recipes/cpu.args
 
 Short runs are noisy: how many steps fit in the minutes, and so the SSIM, varies from run to run with the
 machine's load. This script starts, for each seed, benchmarks/quality.py for the recipe and for the paired-L1
-reference at the same time, each pinned to --cores_per_job CPU cores of its own (2 by default, a small
-laptop), so that all of them train under the same load; it needs 2 x seeds x cores_per_job cores. It prints
-one row per seed and the mean difference over the seeds; the last line is one JSON object. Training runs on
-the CPU; flags this script does not know go to train.py.
+reference at the same time, each pinned to --cores_per_job CPUs of its own (2 by default, a small laptop), so
+that all of them train at the same time under the same conditions; it needs 2 x seeds x cores_per_job CPUs
+(logical CPUs: with hyperthreading, two runs may share a physical core). It prints one row per seed and the
+mean difference over the seeds; the last line is one JSON object. Training runs on the CPU; flags this script
+does not know go to train.py.
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,6 +22,7 @@ sys.path.insert(0, REPO)
 from benchmarks.quality import PAIRED_L1_FLAGS  # noqa: E402
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.paths import check_writable_folder  # noqa: E402
 
 KINDS = ('recipe', 'paired_l1')
 
@@ -29,7 +32,7 @@ def build_parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--minutes', type=float, default=2.0, help='training time of every run, in minutes of steps')
     parser.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3, 4], help='one recipe and one paired run each')
-    parser.add_argument('--cores_per_job', type=int, default=2, help='CPU cores (and threads) of each run')
+    parser.add_argument('--cores_per_job', type=int, default=2, help='CPUs (and threads) of each run')
     parser.add_argument('--data_dir', required=True, help='folder with SIEMENS/ and Philips/ NIfTI volumes')
     parser.add_argument('--work_dir', default=os.path.join('results', 'quality_seeds'),
                         help='one quality.py work folder per run goes here')
@@ -38,12 +41,14 @@ def build_parser():
 
 
 def check(args, recipe):
-    """Everything that can be refused before any run starts."""
+    """Refuse, before any run starts, everything that would make a run fail."""
     if not args.minutes > 0:
         raise UserError('--minutes must be positive')
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f'--seeds has repeats ({" ".join(map(str, args.seeds))}): give each seed once')
-    if '--random_seed' in recipe:
+    if any(not 0 <= seed < 2 ** 32 for seed in args.seeds):
+        raise UserError('--seeds must be between 0 and 2**32 - 1')
+    if any(flag == '--random_seed' or flag.startswith('--random_seed=') for flag in recipe):
         raise UserError('--random_seed is set per run here: list the seeds in --seeds')
     if args.cores_per_job < 1:
         raise UserError('--cores_per_job must be at least 1')
@@ -52,27 +57,37 @@ def check(args, recipe):
             raise UserError(f'{args.data_dir} has no {vendor}/ folder: pass the folder that holds SIEMENS/ and Philips/ '
                             '(make demo writes demo/nifti)')
     parse_arguments(['-ex', 'check', *recipe])  # an unknown or bad recipe flag stops here
-    cores = sorted(os.sched_getaffinity(0))
-    needed = 2 * len(args.seeds) * args.cores_per_job
-    if needed > len(cores):
-        raise UserError(f'{2 * len(args.seeds)} runs x {args.cores_per_job} cores need {needed} CPU cores and this '
-                        f'process may use {len(cores)}: pass fewer --seeds or a smaller --cores_per_job')
-    return cores
+    check_writable_folder(args.work_dir, '--work_dir')
 
 
-def start(kind, seed, cores, recipe, args):
-    """One quality.py run in the background, pinned to `cores`; returns the process and its log path."""
+def cpus_for_runs(runs, cpus_per_run):
+    """The CPUs of each run: consecutive groups of the CPUs this process may use."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if runs * cpus_per_run > len(cpus):
+        raise UserError(f'{runs} runs x {cpus_per_run} CPUs need {runs * cpus_per_run} CPUs and this process may use '
+                        f'{len(cpus)}: pass fewer --seeds or a smaller --cores_per_job')
+    return [cpus[i * cpus_per_run:(i + 1) * cpus_per_run] for i in range(runs)]
+
+
+def start_pinned(command, cpus, log_path):
+    """Start `command` in a session of its own (so that it can be stopped with its children), its output to
+    `log_path`, pinned to `cpus` with as many threads; its children inherit both."""
+    with open(log_path, 'w') as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, 'OMP_NUM_THREADS': str(len(cpus))})
+    os.sched_setaffinity(process.pid, cpus)  # before the interpreter has started any thread
+    return process
+
+
+def start(kind, seed, cpus, recipe, args):
+    """One quality.py run in the background on `cpus`; returns the process and its log path."""
     work = os.path.join(args.work_dir, f'seed{seed}_{kind}')
     os.makedirs(work, exist_ok=True)
     flags = [*recipe, '--random_seed', str(seed), '--device', 'cpu', *(PAIRED_L1_FLAGS if kind == 'paired_l1' else [])]
     command = [sys.executable, os.path.join(REPO, 'benchmarks', 'quality.py'), '--minutes', str(args.minutes),
                '--data_dir', args.data_dir, '--work_dir', work, '--name', kind, '--skip_paired', *flags]
     log_path = os.path.join(work, 'quality.log')
-    with open(log_path, 'w') as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, 'OMP_NUM_THREADS': str(len(cores))},
-                                   preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    return process, log_path
+    return start_pinned(command, cpus, log_path), log_path
 
 
 def finish(process, log_path):
@@ -80,26 +95,39 @@ def finish(process, log_path):
     process.wait()
     with open(log_path) as f:
         lines = [line for line in f.read().replace('\r', '\n').splitlines() if line.strip()]
-    if process.returncode != 0 or not lines or not lines[-1].startswith('{'):
+    report = None
+    for line in reversed(lines):
+        if line.startswith('{'):
+            try:
+                report = json.loads(line)['results'][0]
+            except (ValueError, KeyError, IndexError):
+                pass
+            break
+    if process.returncode != 0 or report is None:
         raise UserError(f'a run failed, see {log_path}: {lines[-1] if lines else "no output"}', exit_code=1)
-    return json.loads(lines[-1])['results'][0]
+    return report
 
 
 def main(argv):
     args, recipe = build_parser().parse_known_args(argv)
+    # the runs start in the repository: paths given relative to here must not change meaning
     args.data_dir, args.work_dir = os.path.abspath(args.data_dir), os.path.abspath(args.work_dir)
-    cores = check(args, recipe)
+    given, recipe = recipe, ['@' + os.path.abspath(flag[1:]) if flag.startswith('@') else flag for flag in recipe]
+    check(args, recipe)
     jobs = [(kind, seed) for seed in args.seeds for kind in KINDS]
-    running = {job: start(*job, cores[i * args.cores_per_job:(i + 1) * args.cores_per_job], recipe, args)
-               for i, job in enumerate(jobs)}
-    print(f'{len(jobs)} runs of {args.minutes:g} minutes started, {args.cores_per_job} cores each; logs in '
-          f'{args.work_dir}/seed*_*/quality.log', flush=True)
+    running = {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill of this script stops its runs too (finally)
     try:
+        for job, cpus in zip(jobs, cpus_for_runs(len(jobs), args.cores_per_job)):
+            running[job] = start(*job, cpus, recipe, args)
+        print(f'{len(jobs)} runs of {args.minutes:g} minutes started, {args.cores_per_job} CPUs each; logs in '
+              f'{args.work_dir}/seed*_*/quality.log', flush=True)
         entries = {job: finish(*running[job]) for job in jobs}
-    finally:  # after a failure, stop the runs still going
+    finally:  # after a failure or Ctrl-C, stop the runs still going, with their train.py
         for process, _ in running.values():
             if process.poll() is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait()
 
     rows, baselines = [], None
     print(f'\n{args.minutes:g} minutes, SSIM / PSNR dB against the real Philips volumes (optimizer steps):')
@@ -117,7 +145,7 @@ def main(argv):
     print(f'  {"mean":>6}  {"":<22}  {"":<22}  {mean["SSIM"]:+.4f} / {mean["PSNR"]:+.2f}')
     for method, m in baselines.items():
         print(f'  {method}: {m["SSIM"]:.4f} / {m["PSNR"]:.2f}')
-    print(json.dumps({'recipe_flags': recipe, 'minutes': args.minutes, 'cores_per_job': args.cores_per_job,
+    print(json.dumps({'recipe_flags': given, 'minutes': args.minutes, 'cores_per_job': args.cores_per_job,
                       'seeds': rows, 'mean_difference': mean, **baselines}))
 
 

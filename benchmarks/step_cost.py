@@ -35,8 +35,8 @@ def main(argv):
         raise UserError('--max_minutes does not apply here')
     device = pick_device(args.device)
     if device.type != 'cpu':
-        raise UserError(f'--device {args.device} picked {device.type}: this script times CPU steps; add --device cpu, '
-                        'or use benchmarks/benchmark.py on a GPU')
+        where = f'--device {args.device}' + (f' picked {device.type}' if args.device == 'auto' else '')
+        raise UserError(f'{where}: this script times CPU steps; use --device cpu, or benchmarks/benchmark.py on a GPU')
     keep_freed_memory()
     trainer = CycleGANTrainer(args, device, experiment_dir='', build_data=False)  # writes nothing
     real_A, real_B = trainer._to_device(torch.rand(2, args.batch_size, 1, ours.height, ours.width) * 2 - 1)

@@ -81,6 +81,7 @@ def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
         assert {'SSIM', 'PSNR', 'MAE'} <= set(entry[method]), method
         assert 0 < entry[method]['SSIM'] <= 1 and entry[method]['PSNR'] > 0
     assert entry['recipe']['train_wall_s'] > 0 and entry['paired_l1']['train_wall_s'] > 0
+    assert entry['recipe']['steps'] > 0 and entry['paired_l1']['steps'] > 0
     # the paired-L1 reference really trained without the other terms
     with open(tmp_path / 'runs' / 'paired_l1_0.03min' / 'arguments.txt') as f:
         paired = json.load(f)
@@ -122,17 +123,22 @@ def test_amp_modes(fast, monkeypatch):
     assert parse_arguments(['-ex', 'x', '--amp', 'auto']).amp == 'auto'
 
 
-def run_quality_seeds(*argv):
-    return subprocess.run([sys.executable, 'benchmarks/quality_seeds.py', *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+def run_quality_seeds(*argv, cwd=REPO):
+    return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'quality_seeds.py'), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='runs two trainings side by side, one core each')
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='runs two trainings side by side, one CPU each')
 def test_quality_seeds_runs_recipe_and_paired_side_by_side(vendor_folders, tmp_path):
+    """Started from another folder, with a recipe file and a work folder given relative to it."""
+    tiny = [flag for flag in TINY if flag not in ('--device', 'cpu')]  # the script itself must pick the CPU
+    (tmp_path / 'tiny.args').write_text('\n'.join(tiny) + '\n')
     result = run_quality_seeds('--minutes', '0.03', '--seeds', '5', '--cores_per_job', '1', '--data_dir',
-                               str(vendor_folders), '--work_dir', str(tmp_path), *TINY, '--ccl_weight', '0.5')
+                               str(vendor_folders), '--work_dir', 'work', '@tiny.args', '--ccl_weight', '0.5',
+                               '--device', 'auto', cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['recipe_flags'] == ['@tiny.args', '--ccl_weight', '0.5', '--device', 'auto']
     (row,) = report['seeds']
     assert row['seed'] == 5
     for kind in ('recipe', 'paired_l1'):
@@ -141,19 +147,47 @@ def test_quality_seeds_runs_recipe_and_paired_side_by_side(vendor_folders, tmp_p
     assert report['mean_difference'] == row['difference']
     assert 0 < report['histogram_matching']['SSIM'] <= 1
     # each run trained with its seed on the CPU, the paired one without the other terms
-    with open(tmp_path / 'seed5_recipe' / 'runs' / 'recipe_0.03min' / 'arguments.txt') as f:
+    work = tmp_path / 'work'
+    with open(work / 'seed5_recipe' / 'runs' / 'recipe_0.03min' / 'arguments.txt') as f:
         recipe = json.load(f)
-    with open(tmp_path / 'seed5_paired_l1' / 'runs' / 'paired_l1_0.03min' / 'arguments.txt') as f:
+    with open(work / 'seed5_paired_l1' / 'runs' / 'paired_l1_0.03min' / 'arguments.txt') as f:
         paired = json.load(f)
     assert recipe['random_seed'] == paired['random_seed'] == 5
     assert recipe['device'] == paired['device'] == 'cpu'
+    assert recipe['ngf'] == paired['ngf'] == 8
     assert recipe['ccl_weight'] == 0.5 and paired['ccl_weight'] == paired['adv_weight'] == 0
 
 
+def test_start_pinned_gives_the_run_its_cpus_and_as_many_threads(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('quality_seeds', os.path.join(REPO, 'benchmarks', 'quality_seeds.py'))
+    quality_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality_seeds)
+    cpus = sorted(os.sched_getaffinity(0))[-1:]
+    code = 'import os; print(sorted(os.sched_getaffinity(0)), os.environ["OMP_NUM_THREADS"])'
+    process = quality_seeds.start_pinned([sys.executable, '-c', code], cpus, tmp_path / 'log')
+    assert process.wait(timeout=60) == 0
+    assert (tmp_path / 'log').read_text().strip() == f'{cpus} 1'
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='runs two trainings side by side, one CPU each')
+def test_quality_seeds_names_the_log_of_a_failed_run(tmp_path):
+    for vendor in ('SIEMENS', 'Philips'):
+        (tmp_path / 'data' / vendor).mkdir(parents=True)  # no volumes: the dataset step fails
+    result = run_quality_seeds('--seeds', '1', '--cores_per_job', '1', '--data_dir', str(tmp_path / 'data'),
+                               '--work_dir', str(tmp_path / 'work'))
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: a run failed, see ') and 'quality.log' in last
+
+
 @pytest.mark.parametrize('argv, message', [
-    (['--seeds', '1', '2', '--cores_per_job', '4096'], '4 runs x 4096 cores need 16384 CPU cores'),
+    (['--seeds', '1', '2', '--cores_per_job', '4096'], '4 runs x 4096 CPUs need 16384 CPUs'),
     (['--seeds', '1', '1'], '--seeds has repeats'),
+    (['--seeds', '-1'], '--seeds must be between 0 and 2**32 - 1'),
     (['--random_seed', '3'], 'list the seeds in --seeds'),
+    (['--random_seed=3'], 'list the seeds in --seeds'),
+    (['--cores_per_job', '0'], '--cores_per_job must be at least 1'),
     (['--minutes', '0'], '--minutes must be positive'),
     (['--no_such_flag', '3'], 'unrecognized arguments: --no_such_flag'),
 ])

@@ -97,11 +97,16 @@ def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
 ])
 def test_quality_script_refuses_bad_input_before_training(argv, message, vendor_folders, tmp_path):
     result = run_quality(*argv, '--data_dir', str(vendor_folders), '--work_dir', str(tmp_path / 'work'))
+    assert_refused_before_any_work(result, message, tmp_path / 'work')
+
+
+def assert_refused_before_any_work(result, message, work_dir):
+    """Exit code 2, a last line 'error: ...' with `message`, no traceback, nothing prepared or trained."""
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('error:') and message in last
-    assert not (tmp_path / 'work').exists()  # nothing prepared, trained or overwritten
+    assert not work_dir.exists()
 
 
 @pytest.mark.parametrize('fast', [True, False])
@@ -193,11 +198,7 @@ def test_quality_seeds_names_the_log_of_a_failed_run(tmp_path):
 ])
 def test_quality_seeds_refuses_bad_input_before_any_run(argv, message, vendor_folders, tmp_path):
     result = run_quality_seeds(*argv, '--data_dir', str(vendor_folders), '--work_dir', str(tmp_path / 'work'))
-    assert result.returncode == 2
-    assert 'Traceback' not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('error:') and message in last
-    assert not (tmp_path / 'work').exists()
+    assert_refused_before_any_work(result, message, tmp_path / 'work')
 
 
 def test_quality_seeds_names_a_data_dir_without_vendor_folders(tmp_path):

@@ -62,6 +62,9 @@ def check(args, recipe):
 
 def cpus_for_runs(runs, cpus_per_run):
     """The CPUs of each run: consecutive groups of the CPUs this process may use."""
+    if not hasattr(os, 'sched_setaffinity'):
+        raise UserError('this system (macOS or Windows) cannot pin a process to CPUs: run benchmarks/quality.py '
+                        'once per seed (--random_seed N) instead')
     cpus = sorted(os.sched_getaffinity(0))
     if runs * cpus_per_run > len(cpus):
         raise UserError(f'{runs} runs x {cpus_per_run} CPUs need {runs * cpus_per_run} CPUs and this process may use '

@@ -128,12 +128,17 @@ def test_amp_modes(fast, monkeypatch):
     assert parse_arguments(['-ex', 'x', '--amp', 'auto']).amp == 'auto'
 
 
+# quality_seeds.py pins its runs to CPUs, which Linux allows and macOS does not
+PINNABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_setaffinity') else 0
+side_by_side = pytest.mark.skipif(PINNABLE_CPUS < 2, reason='runs two trainings side by side, each pinned to a CPU')
+
+
 def run_quality_seeds(*argv, cwd=REPO):
     return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'quality_seeds.py'), *argv], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='runs two trainings side by side, one CPU each')
+@side_by_side
 def test_quality_seeds_runs_recipe_and_paired_side_by_side(vendor_folders, tmp_path):
     """Started from another folder, with a recipe file and a work folder given relative to it."""
     tiny = [flag for flag in TINY if flag not in ('--device', 'cpu')]  # the script itself must pick the CPU
@@ -163,6 +168,7 @@ def test_quality_seeds_runs_recipe_and_paired_side_by_side(vendor_folders, tmp_p
     assert recipe['ccl_weight'] == 0.5 and paired['ccl_weight'] == paired['adv_weight'] == 0
 
 
+@pytest.mark.skipif(PINNABLE_CPUS < 1, reason='pinning to CPUs needs Linux')
 def test_start_pinned_gives_the_run_its_cpus_and_as_many_threads(tmp_path):
     import importlib.util
     spec = importlib.util.spec_from_file_location('quality_seeds', os.path.join(REPO, 'benchmarks', 'quality_seeds.py'))
@@ -175,7 +181,7 @@ def test_start_pinned_gives_the_run_its_cpus_and_as_many_threads(tmp_path):
     assert (tmp_path / 'log').read_text().strip() == f'{cpus} 1'
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='runs two trainings side by side, one CPU each')
+@side_by_side
 def test_quality_seeds_names_the_log_of_a_failed_run(tmp_path):
     for vendor in ('SIEMENS', 'Philips'):
         (tmp_path / 'data' / vendor).mkdir(parents=True)  # no volumes: the dataset step fails
@@ -187,7 +193,8 @@ def test_quality_seeds_names_the_log_of_a_failed_run(tmp_path):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--seeds', '1', '2', '--cores_per_job', '4096'], '4 runs x 4096 CPUs need 16384 CPUs'),
+    pytest.param(['--seeds', '1', '2', '--cores_per_job', '4096'], '4 runs x 4096 CPUs need 16384 CPUs',
+                 marks=pytest.mark.skipif(PINNABLE_CPUS < 1, reason='pinning to CPUs needs Linux')),
     (['--seeds', '1', '1'], '--seeds has repeats'),
     (['--seeds', '-1'], '--seeds must be between 0 and 2**32 - 1'),
     (['--random_seed', '3'], 'list the seeds in --seeds'),

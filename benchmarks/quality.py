@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.paths import check_writable_folder  # noqa: E402
 
 PAIRED_L1_FLAGS = ['--adv_weight', '0', '--ccl_weight', '0', '--identity_weight', '0',
                    '--warmup_epochs', '0', '--rampup_epochs', '0']
@@ -94,15 +95,21 @@ def train_and_measure(label, flags, minutes, dataset, args):
     return means, wall, int(steps[-1])
 
 
+def absolute_flag_files(flags):
+    """'@file' flags with the file's absolute path: the scripts run in the repository, not in the caller's folder."""
+    return ['@' + os.path.abspath(flag[1:]) if flag.startswith('@') else flag for flag in flags]
+
+
 def main(argv):
     args, recipe = build_parser().parse_known_args(argv)
     # the scripts run in the repository: paths given relative to here must not change meaning
     args.work_dir = os.path.abspath(args.work_dir)
     args.data_dir = args.data_dir and os.path.abspath(args.data_dir)
-    given, recipe = recipe, ['@' + os.path.abspath(flag[1:]) if flag.startswith('@') else flag for flag in recipe]
+    given, recipe = recipe, absolute_flag_files(recipe)
     if any(not m > 0 for m in args.minutes):
         raise UserError('--minutes must be positive')
     parse_arguments(['-ex', 'check', *recipe])  # an unknown or bad recipe flag stops here, before any training
+    check_writable_folder(args.work_dir, '--work_dir')
     paired_flags = recipe + PAIRED_L1_FLAGS
     os.makedirs(args.work_dir, exist_ok=True)
     dataset = prepare_data(args)

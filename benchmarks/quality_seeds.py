@@ -16,10 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from benchmarks.quality import PAIRED_L1_FLAGS  # noqa: E402
+from benchmarks.quality import PAIRED_L1_FLAGS, absolute_flag_files  # noqa: E402
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import check_writable_folder  # noqa: E402
@@ -78,7 +79,9 @@ def start_pinned(command, cpus, log_path):
     with open(log_path, 'w') as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    env={**os.environ, 'OMP_NUM_THREADS': str(len(cpus))})
-    os.sched_setaffinity(process.pid, cpus)  # before the interpreter has started any thread
+    # Popen returns once the child runs Python, almost always before it starts a thread; its train.py and
+    # inference_nii.py, started later from its main thread, are pinned whatever happens
+    os.sched_setaffinity(process.pid, cpus)
     return process
 
 
@@ -111,26 +114,49 @@ def finish(process, log_path):
     return report
 
 
+def wait_for_all(running):
+    """The figures of every run, as they finish; the first run that fails ends the wait with its error."""
+    entries = {}
+    while len(entries) < len(running):
+        for job, (process, log_path) in running.items():
+            if job not in entries and process.poll() is not None:
+                entries[job] = finish(process, log_path)
+        time.sleep(1)
+    return entries
+
+
+def stop_all(running):
+    """Stop the runs still going, each with its train.py or inference_nii.py, undisturbed by further signals."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    alive = [process for process, _ in running.values() if process.poll() is None]
+    for process in alive:
+        os.killpg(process.pid, signal.SIGTERM)
+    for process in alive:
+        process.wait()
+
+
 def main(argv):
     args, recipe = build_parser().parse_known_args(argv)
     # the runs start in the repository: paths given relative to here must not change meaning
     args.data_dir, args.work_dir = os.path.abspath(args.data_dir), os.path.abspath(args.work_dir)
-    given, recipe = recipe, ['@' + os.path.abspath(flag[1:]) if flag.startswith('@') else flag for flag in recipe]
+    given, recipe = recipe, absolute_flag_files(recipe)
     check(args, recipe)
     jobs = [(kind, seed) for seed in args.seeds for kind in KINDS]
+    cpu_groups = cpus_for_runs(len(jobs), args.cores_per_job)
+    # the runs are in sessions of their own: neither Ctrl-C nor a closed terminal reaches them, so this script
+    # stops them (finally) when it is interrupted, killed or hung up on
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _: sys.exit(128 + number))
     running = {}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill of this script stops its runs too (finally)
     try:
-        for job, cpus in zip(jobs, cpus_for_runs(len(jobs), args.cores_per_job)):
+        for job, cpus in zip(jobs, cpu_groups):
             running[job] = start(*job, cpus, recipe, args)
         print(f'{len(jobs)} runs of {args.minutes:g} minutes started, {args.cores_per_job} CPUs each; logs in '
               f'{args.work_dir}/seed*_*/quality.log', flush=True)
-        entries = {job: finish(*running[job]) for job in jobs}
-    finally:  # after a failure or Ctrl-C, stop the runs still going, with their train.py
-        for process, _ in running.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait()
+        entries = wait_for_all(running)
+    finally:
+        stop_all(running)
 
     rows, baselines = [], None
     print(f'\n{args.minutes:g} minutes, SSIM / PSNR dB against the real Philips volumes (optimizer steps):')

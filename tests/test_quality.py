@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -64,17 +65,20 @@ def vendor_folders(tmp_path_factory):
     return root
 
 
-def run_quality(*argv):
-    return subprocess.run([sys.executable, 'benchmarks/quality.py', *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+def run_quality(*argv, cwd=REPO):
+    return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'quality.py'), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
-    result = run_quality('--minutes', '0.03', '--data_dir', str(vendor_folders), '--work_dir', str(tmp_path),
-                         *TINY, '--lower_bound', '0.3', '--upper_bound', '0.7')
+    """Started from another folder, with the data, the work folder and a recipe file given relative to it."""
+    (tmp_path / 'tiny.args').write_text('\n'.join(TINY) + '\n')
+    os.symlink(vendor_folders, tmp_path / 'data')
+    result = run_quality('--minutes', '0.03', '--data_dir', 'data', '--work_dir', '.', '@tiny.args',
+                         '--lower_bound', '0.3', '--upper_bound', '0.7', cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report['recipe_flags'][:2] == ['--ngf', '8']
+    assert report['recipe_flags'][:2] == ['@tiny.args', '--lower_bound']
     (entry,) = report['results']
     assert entry['minutes'] == 0.03
     for method in ('recipe', 'paired_l1', 'unharmonized', 'histogram_matching'):
@@ -168,17 +172,41 @@ def test_quality_seeds_runs_recipe_and_paired_side_by_side(vendor_folders, tmp_p
     assert recipe['ccl_weight'] == 0.5 and paired['ccl_weight'] == paired['adv_weight'] == 0
 
 
-@pytest.mark.skipif(PINNABLE_CPUS < 1, reason='pinning to CPUs needs Linux')
-def test_start_pinned_gives_the_run_its_cpus_and_as_many_threads(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('quality_seeds', os.path.join(REPO, 'benchmarks', 'quality_seeds.py'))
-    quality_seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality_seeds)
+@side_by_side
+def test_start_pinned_gives_the_run_its_cpus_and_as_many_threads(tmp_path, monkeypatch):
+    from benchmarks.quality_seeds import start_pinned
+    monkeypatch.setenv('OMP_NUM_THREADS', '7')
     cpus = sorted(os.sched_getaffinity(0))[-1:]
     code = 'import os; print(sorted(os.sched_getaffinity(0)), os.environ["OMP_NUM_THREADS"])'
-    process = quality_seeds.start_pinned([sys.executable, '-c', code], cpus, tmp_path / 'log')
+    process = start_pinned([sys.executable, '-c', code], cpus, tmp_path / 'log')
     assert process.wait(timeout=60) == 0
     assert (tmp_path / 'log').read_text().strip() == f'{cpus} 1'
+
+
+@side_by_side
+def test_quality_seeds_stops_its_runs_when_killed(vendor_folders, tmp_path):
+    """The runs are in sessions of their own; a SIGTERM to the script must still end them and their train.py."""
+    import signal
+    work = tmp_path / 'work'
+    process = subprocess.Popen([sys.executable, 'benchmarks/quality_seeds.py', '--minutes', '5', '--seeds', '1',
+                                '--cores_per_job', '1', '--data_dir', str(vendor_folders), '--work_dir', str(work),
+                                *TINY], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert 'runs of 5 minutes started' in process.stdout.readline()
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+
+    def runs_alive():
+        alive = []
+        for pid in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                    if str(work).encode() in f.read():
+                        alive.append(pid)
+            except OSError:  # ended meanwhile
+                pass
+        return alive
+    assert runs_alive() == []
 
 
 @side_by_side

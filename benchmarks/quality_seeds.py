@@ -97,8 +97,7 @@ def start(kind, seed, cpus, recipe, args):
 
 
 def finish(process, log_path):
-    """Wait for a run; its figures from quality.py's JSON line, or a one-line error naming its log."""
-    process.wait()
+    """The figures of a run that has ended, from quality.py's JSON line, or a one-line error naming its log."""
     with open(log_path) as f:
         lines = [line for line in f.read().replace('\r', '\n').splitlines() if line.strip()]
     report = None

@@ -505,3 +505,21 @@ def test_existing_outputs_are_kept_unless_overwrite(experiment, tmp_path, capsys
     assert code in (0, None), stdout + stderr
     assert_matches_manual(str(existing), path, weights(experiment, 'SIEMENS', 'Philips', 2),
                           experiment['info']['intensity_scale']['Philips'])
+
+
+def test_fine_detail_measures_texture_inside_the_mask():
+    from scipy import ndimage
+    from utils.metrics import fine_detail
+    data, _ = philips(0, resolution=2)
+    reference = normalised(data)
+    mask = reference > 0
+    rng = np.random.default_rng(0)
+    noisy = np.where(mask, reference + rng.normal(0, 0.05, reference.shape), 0)
+    blurred = ndimage.gaussian_filter(reference, 1.5)
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    by_hand = (reference - ndimage.gaussian_filter(reference, 1.0))[inner].std()
+    assert fine_detail(reference, mask) == pytest.approx(by_hand, rel=1e-9)
+    assert fine_detail(blurred, mask) < 0.6 * fine_detail(reference, mask)  # what an L1 model's average does
+    assert fine_detail(noisy, mask) > 1.2 * fine_detail(reference, mask)
+    with pytest.raises(ValueError, match='2 voxels inside'):
+        fine_detail(reference, np.zeros_like(mask))

@@ -1,8 +1,10 @@
-"""SSIM and PSNR as skimage.metrics computes them, on images scaled to [0, 1] (data_range=1)."""
+"""SSIM and PSNR as skimage.metrics computes them, on images scaled to [0, 1] (data_range=1), and a measure of
+fine texture."""
 import math
 
 import numpy as np
 import torch
+from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
@@ -75,3 +77,17 @@ def volume_metrics(prediction, reference, mask):
     return {'SSIM': float(ssim_map[mask].mean()),
             'PSNR': float('inf') if mse == 0 else 10 * math.log10(1.0 / mse),
             'MAE': float(np.mean(np.abs(error)))}
+
+
+def fine_detail(volume, mask, sigma=1.0):
+    """Standard deviation of what a Gaussian blur (sigma in voxels) removes from a volume, inside the mask shrunk
+    by 2 voxels (so that the edge of the head does not count): its fine texture and noise.
+
+    The ratio of a harmonized volume's figure to the real target scan's says how much of that vendor's texture
+    it has: 1 as much, below 1 smoother (a model trained on L1 alone averages the noise away).
+    """
+    volume = np.asarray(volume, dtype=np.float64)
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    if not inner.any():
+        raise ValueError('the mask has no voxels 2 voxels inside its edge')
+    return float((volume - ndimage.gaussian_filter(volume, sigma))[inner].std())

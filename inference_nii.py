@@ -34,7 +34,7 @@ from utils.cpu_memory import keep_freed_memory
 from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp
 from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
-from utils.metrics import volume_metrics
+from utils.metrics import fine_detail, volume_metrics
 from utils.volume import (axial_slices, denormalise, from_canonical, list_nifti, load_volume, nifti_stem,
                           normalise, save_like, stack_axial, to_canonical)
 
@@ -141,7 +141,8 @@ def find_reference(reference_dir, stem):
 
 
 def compare_with_reference(stem, source, harmonized, reference_path):
-    """Metrics of harmonized / unharmonized / histogram-matched volumes against the reference, in [0, 1]."""
+    """Metrics of harmonized / unharmonized / histogram-matched volumes against the reference, in [0, 1], and
+    their fine detail as a ratio to the reference's."""
     reference = np.asarray(to_canonical(load_volume(reference_path)).dataobj, dtype=np.float32)
     if reference.shape != source.shape:
         raise UserError(f'{reference_path}: shape {reference.shape} differs from the input\'s {source.shape} '
@@ -151,7 +152,9 @@ def compare_with_reference(stem, source, harmonized, reference_path):
     matched = np.zeros_like(source)
     matched[mask] = match_histograms(source[mask], reference[mask])
     volumes = {'harmonized': harmonized, 'unharmonized': source, 'histogram matching': matched}
-    rows = [{'volume': stem, 'method': method, **volume_metrics(volume, reference, mask)}
+    reference_detail = fine_detail(reference, mask)
+    rows = [{'volume': stem, 'method': method, **volume_metrics(volume, reference, mask),
+             'Detail': fine_detail(volume, mask) / reference_detail if reference_detail > 0 else float('nan')}
             for method, volume in volumes.items()]
     return rows, reference, matched
 
@@ -186,8 +189,9 @@ def save_preview(path, source, harmonized, reference, title):
 
 
 def print_metrics_table(table):
-    summary = table.groupby('method', sort=False)[['SSIM', 'PSNR', 'MAE']].mean()
-    print('\nagainst the reference, inside the foreground (intensities normalised to [0, 1]):')
+    summary = table.groupby('method', sort=False)[['SSIM', 'PSNR', 'MAE', 'Detail']].mean()
+    print('\nagainst the reference, inside the foreground (intensities normalised to [0, 1]; Detail: fine texture '
+          'and noise as a ratio to the reference\'s):')
     print(table.to_string(index=False, float_format=lambda v: f'{v:.4f}'))
     print('\nmean over volumes:')
     print(summary.to_string(float_format=lambda v: f'{v:.4f}'))

@@ -7,7 +7,7 @@ For each time budget it trains (train.py --max_minutes) the recipe and a paired-
 flags, but only the original matching loss: no adversarial, cycle or identity term, no discriminator),
 harmonizes the held-out test volumes of the demo data with inference_nii.py --reference_dir, and prints
 SSIM / PSNR / MAE against the real target-vendor volumes for: the recipe, the paired-L1 reference, the
-unharmonized input and histogram matching, and the fine detail of the first three (utils.metrics.fine_detail)
+unharmonized input and histogram matching, and the fine detail of each (inference_nii.py's Detail column)
 as a ratio to the real target scan's: 1 = as much fine texture and noise as that vendor's scan, below 1 = smoother.
 The last line printed is one JSON object with the figures.
 Any flag this script does not know is passed to train.py.
@@ -20,16 +20,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.metrics import fine_detail  # noqa: E402
 from utils.paths import check_writable_folder  # noqa: E402
-from utils.volume import load_volume, nifti_stem, normalise, to_canonical  # noqa: E402
 
 PAIRED_L1_FLAGS = ['--adv_weight', '0', '--ccl_weight', '0', '--identity_weight', '0',
                    '--warmup_epochs', '0', '--rampup_epochs', '0']
@@ -75,28 +72,9 @@ def prepare_data(args):
     return dataset
 
 
-def unit_volume(path):
-    """A volume as inference_nii.py measures it: canonical orientation, divided by its robust maximum."""
-    data = np.asarray(to_canonical(load_volume(path)).dataobj, dtype=np.float32)
-    return normalise(data)[0]
-
-
-def detail_ratio(folder, suffix, dataset):
-    """Mean over the test subjects of fine_detail(volume) / fine_detail(real target scan), in the foreground that
-    inference_nii.py measures in; the volumes are folder/STEM + suffix."""
-    test = os.path.join(dataset, 'testset')
-    ratios = []
-    for name in sorted(os.listdir(os.path.join(test, 'Philips'))):
-        reference = unit_volume(os.path.join(test, 'Philips', name))
-        mask = (reference > 0) | (unit_volume(os.path.join(test, 'SIEMENS', name)) > 0)
-        volume = unit_volume(os.path.join(folder, nifti_stem(name) + suffix))
-        ratios.append(fine_detail(volume, mask) / fine_detail(reference, mask))
-    return float(np.mean(ratios))
-
-
 def train_and_measure(label, flags, minutes, dataset, args):
-    """Train for `minutes`, harmonize the test volumes; returns the mean metrics per method, the fine-detail
-    ratio of the harmonized volumes, the wall time and the optimizer steps taken."""
+    """Train for `minutes`, harmonize the test volumes; returns the mean metrics per method, the wall time and
+    the optimizer steps taken."""
     experiment = f'{label}_{minutes:g}min'
     runs = os.path.join(args.work_dir, 'runs')
     os.makedirs(runs, exist_ok=True)
@@ -115,8 +93,8 @@ def train_and_measure(label, flags, minutes, dataset, args):
          '--reference_dir', os.path.join(dataset, 'testset', 'Philips'), '--output_dir', output, '--overwrite'],
         os.path.join(runs, f'{experiment}.inference.log'))
     table = pd.read_csv(os.path.join(output, 'metrics.csv'))
-    means = table.groupby('method')[['SSIM', 'PSNR', 'MAE']].mean()
-    return means, detail_ratio(output, '_harmonized.nii.gz', dataset), wall, int(steps[-1])
+    means = table.groupby('method')[['SSIM', 'PSNR', 'MAE', 'Detail']].mean()
+    return means, wall, int(steps[-1])
 
 
 def absolute_flag_files(flags):
@@ -138,28 +116,23 @@ def main(argv):
     os.makedirs(args.work_dir, exist_ok=True)
     dataset = prepare_data(args)
 
-    input_detail = detail_ratio(os.path.join(dataset, 'testset', 'SIEMENS'), '.nii.gz', dataset)
-
     results = []
     for minutes in args.minutes:
         entry = {'minutes': minutes}
-        means, detail, wall, steps = train_and_measure(args.name, recipe, minutes, dataset, args)
-        entry[args.name] = {**means.loc['harmonized'].to_dict(), 'detail': detail, 'train_wall_s': round(wall, 1),
-                            'steps': steps}
-        entry['unharmonized'] = {**means.loc['unharmonized'].to_dict(), 'detail': input_detail}
+        means, wall, steps = train_and_measure(args.name, recipe, minutes, dataset, args)
+        entry[args.name] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}
+        entry['unharmonized'] = means.loc['unharmonized'].to_dict()
         entry['histogram_matching'] = means.loc['histogram matching'].to_dict()
         if not args.skip_paired:
-            means, detail, wall, steps = train_and_measure('paired_l1', paired_flags, minutes, dataset, args)
-            entry['paired_l1'] = {**means.loc['harmonized'].to_dict(), 'detail': detail,
-                                  'train_wall_s': round(wall, 1), 'steps': steps}
+            means, wall, steps = train_and_measure('paired_l1', paired_flags, minutes, dataset, args)
+            entry['paired_l1'] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}
         results.append(entry)
-        print(f'\n{minutes:g} minutes of training (SSIM / PSNR dB / MAE against the real Philips volumes, '
-              'fine detail as a ratio to theirs):')
+        print(f'\n{minutes:g} minutes of training (SSIM / PSNR dB / MAE against the real Philips volumes, and fine '
+              'detail as a ratio to theirs):')
         for method in (args.name, 'paired_l1', 'histogram_matching', 'unharmonized'):
             if method in entry:
                 m = entry[method]
-                detail = f'{m["detail"]:.2f}' if 'detail' in m else '    '
-                print(f'  {method:<20} {m["SSIM"]:.4f}  {m["PSNR"]:6.2f}  {m["MAE"]:.4f}  {detail}'
+                print(f'  {method:<20} {m["SSIM"]:.4f}  {m["PSNR"]:6.2f}  {m["MAE"]:.4f}  {m["Detail"]:.2f}'
                       + (f'   ({m["steps"]} steps, trained {m["train_wall_s"]:.0f} s wall)' if 'steps' in m else ''))
         sys.stdout.flush()
     print(json.dumps({'recipe_flags': given, 'name': args.name, 'results': results}))

@@ -79,7 +79,7 @@ def start_pinned(command, cpus, log_path):
     with open(log_path, 'w') as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    env={**os.environ, 'OMP_NUM_THREADS': str(len(cpus))})
-    # Popen returns once the child runs Python, almost always before it starts a thread; its train.py and
+    # Popen returns once the exec has succeeded, almost always before Python starts a thread; its train.py and
     # inference_nii.py, started later from its main thread, are pinned whatever happens
     os.sched_setaffinity(process.pid, cpus)
     return process

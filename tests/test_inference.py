@@ -350,10 +350,12 @@ def test_constants_at_the_top_of_the_script(experiment, one_input, tmp_path, mon
 
 
 def masked_metrics(prediction, reference, mask):
+    from utils.metrics import fine_detail  # its own values are tested in test_fine_detail_known_answers
     _, ssim_map = structural_similarity(reference, prediction, data_range=1.0, full=True)
     mse = np.mean((prediction[mask].astype(np.float64) - reference[mask]) ** 2)
     return {'SSIM': ssim_map[mask].mean(), 'PSNR': 10 * np.log10(1.0 / mse),
-            'MAE': np.mean(np.abs(prediction[mask].astype(np.float64) - reference[mask]))}
+            'MAE': np.mean(np.abs(prediction[mask].astype(np.float64) - reference[mask])),
+            'Detail': fine_detail(prediction, mask) / fine_detail(reference, mask)}
 
 
 def test_command_line_with_reference_writes_metrics_and_previews(experiment, tmp_path):
@@ -368,7 +370,7 @@ def test_command_line_with_reference_writes_metrics_and_previews(experiment, tmp
     stems = sorted(name[:-len('.nii.gz')] for name in os.listdir(test_dir / 'SIEMENS'))
     assert len(stems) == 2
     table = pd.read_csv(out / 'metrics.csv')
-    assert {'SSIM', 'PSNR', 'MAE'} <= set(table.columns)
+    assert {'SSIM', 'PSNR', 'MAE', 'Detail'} <= set(table.columns)
     assert len(table) == 3 * len(stems)
     scale = experiment['info']['intensity_scale']['Philips']
     for stem in stems:
@@ -380,7 +382,7 @@ def test_command_line_with_reference_writes_metrics_and_previews(experiment, tmp
         harmonized = canonical(output_of(out, stem)) / scale
         for method, volume, tol in (('unharmonized', source, 1e-4), ('harmonized', harmonized, 2e-3)):
             want = masked_metrics(volume, reference, mask)
-            for metric in ('SSIM', 'PSNR', 'MAE'):
+            for metric in ('SSIM', 'PSNR', 'MAE', 'Detail'):
                 assert rows.loc[method, metric] == pytest.approx(want[metric], rel=tol, abs=tol), (stem, method,
                                                                                                    metric)
         # histogram matching onto the reference makes the unharmonized intensities closer to it
@@ -507,19 +509,25 @@ def test_existing_outputs_are_kept_unless_overwrite(experiment, tmp_path, capsys
                           experiment['info']['intensity_scale']['Philips'])
 
 
-def test_fine_detail_measures_texture_inside_the_mask():
+def test_fine_detail_known_answers():
     from scipy import ndimage
     from utils.metrics import fine_detail
-    data, _ = philips(0, resolution=2)
-    reference = normalised(data)
-    mask = reference > 0
-    rng = np.random.default_rng(0)
-    noisy = np.where(mask, reference + rng.normal(0, 0.05, reference.shape), 0)
-    blurred = ndimage.gaussian_filter(reference, 1.5)
-    inner = ndimage.binary_erosion(mask, iterations=2)
-    by_hand = (reference - ndimage.gaussian_filter(reference, 1.0))[inner].std()
-    assert fine_detail(reference, mask) == pytest.approx(by_hand, rel=1e-9)
-    assert fine_detail(blurred, mask) < 0.6 * fine_detail(reference, mask)  # what an L1 model's average does
-    assert fine_detail(noisy, mask) > 1.2 * fine_detail(reference, mask)
-    with pytest.raises(ValueError, match='2 voxels inside'):
-        fine_detail(reference, np.zeros_like(mask))
+    mask = np.zeros((40, 40, 40), dtype=bool)
+    mask[5:35, 5:35, 5:35] = True
+    noise = np.random.default_rng(0).normal(0, 0.1, mask.shape)
+    # white noise keeps 1 - 2 k0 + sum(k^2) of its variance, k the blur's kernel (k0 its centre)
+    delta = np.zeros((15, 15, 15))
+    delta[7, 7, 7] = 1
+    kernel = ndimage.gaussian_filter(delta, 1.0)
+    expected = 0.1 * np.sqrt(1 - 2 * kernel[7, 7, 7] + (kernel ** 2).sum())
+    assert fine_detail(noise, mask) == pytest.approx(expected, rel=0.02)
+    assert fine_detail(np.full(mask.shape, 0.7), mask) == pytest.approx(0, abs=1e-12)
+    assert fine_detail(3 * noise, mask) == pytest.approx(3 * fine_detail(noise, mask), rel=1e-9)
+    # the 2 voxels inside the mask's edge are left out: noise there does not count
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
+    assert fine_detail(np.where(edge, noise, 0.0), mask) < 0.1 * fine_detail(noise, mask)
+    # a real scan, blurred as an L1 model's average would be, keeps far less
+    reference = normalised(philips(0, resolution=2)[0])
+    head = reference > 0
+    assert fine_detail(ndimage.gaussian_filter(reference, 1.5), head) < 0.6 * fine_detail(reference, head)
+    assert math.isnan(fine_detail(reference, np.zeros_like(head)))

@@ -13,7 +13,6 @@ import torch
 from conftest import REPO, mni_t1, second_vendor, subject_volume
 from utils.arguments import parse_arguments
 from utils.losses import scheduled_weights
-from utils.metrics import fine_detail
 from utils.trainer import CycleGANTrainer
 
 TINY = ['--ngf', '8', '--n_res_blocks', '2', '--ndf', '8', '--num_workers', '0', '--device', 'cpu',
@@ -66,12 +65,6 @@ def vendor_folders(tmp_path_factory):
     return root
 
 
-def unit_volume(path):
-    """A test volume as inference_nii.py measures it: canonical orientation, divided by its 99.5th percentile."""
-    data = nib.as_closest_canonical(nib.load(str(path))).get_fdata()
-    return np.clip(data / np.percentile(data[data > 0], 99.5), 0, 1)
-
-
 def run_quality(*argv, cwd=REPO):
     return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'quality.py'), *argv], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
@@ -89,22 +82,14 @@ def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
     (entry,) = report['results']
     assert entry['minutes'] == 0.03
     for method in ('recipe', 'paired_l1', 'unharmonized', 'histogram_matching'):
-        assert {'SSIM', 'PSNR', 'MAE'} <= set(entry[method]), method
+        assert {'SSIM', 'PSNR', 'MAE', 'Detail'} <= set(entry[method]), method
         assert 0 < entry[method]['SSIM'] <= 1 and entry[method]['PSNR'] > 0
     assert entry['recipe']['train_wall_s'] > 0 and entry['paired_l1']['train_wall_s'] > 0
     assert entry['recipe']['steps'] > 0 and entry['paired_l1']['steps'] > 0
-    # fine detail as a ratio to the real target scans', by hand for the input
-    test = tmp_path / 'dataset' / 'testset'
-    ratios = []
-    for name in sorted(os.listdir(test / 'Philips')):
-        source, reference = (unit_volume(test / vendor / name) for vendor in ('SIEMENS', 'Philips'))
-        mask = (source > 0) | (reference > 0)
-        ratios.append(fine_detail(source, mask) / fine_detail(reference, mask))
-    assert len(ratios) >= 1 and entry['unharmonized']['detail'] == pytest.approx(np.mean(ratios), rel=1e-6)
-    assert entry['unharmonized']['detail'] > 1.2  # the second vendor here is a blurred first
-    for method in ('recipe', 'paired_l1'):
-        assert 0 < entry[method]['detail'] < 10, method
-    assert 'detail' not in entry['histogram_matching']
+    # fine detail as a ratio to the real scans' (inference_nii.py's Detail column): the second vendor here is a
+    # blurred first, so the input has more of it than the target
+    assert all(entry[method]['Detail'] > 0 for method in ('recipe', 'paired_l1', 'histogram_matching'))
+    assert entry['unharmonized']['Detail'] > 1.2
     # the paired-L1 reference really trained without the other terms
     with open(tmp_path / 'runs' / 'paired_l1_0.03min' / 'arguments.txt') as f:
         paired = json.load(f)
@@ -225,6 +210,9 @@ def test_quality_seeds_stops_its_runs_when_killed(vendor_folders, tmp_path):
             except OSError:  # ended meanwhile
                 pass
         return alive
+    deadline = time.monotonic() + 5  # a signalled train.py may still be exiting; a run left running lasts minutes
+    while runs_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert runs_alive() == []
 
 

@@ -81,7 +81,8 @@ def volume_metrics(prediction, reference, mask):
 
 def fine_detail(volume, mask, sigma=1.0):
     """Standard deviation of what a Gaussian blur (sigma in voxels) removes from a volume, inside the mask shrunk
-    by 2 voxels (so that the edge of the head does not count): its fine texture and noise.
+    by 2 voxels (so that the edge of the head does not count): its fine texture and noise. NaN where nothing of
+    the mask is left after shrinking it (a volume of 4 slices or fewer).
 
     The ratio of a harmonized volume's figure to the real target scan's says how much of that vendor's texture
     it has: 1 as much, below 1 smoother (a model trained on L1 alone averages the noise away).
@@ -89,5 +90,5 @@ def fine_detail(volume, mask, sigma=1.0):
     volume = np.asarray(volume, dtype=np.float64)
     inner = ndimage.binary_erosion(mask, iterations=2)
     if not inner.any():
-        raise ValueError('the mask has no voxels 2 voxels inside its edge')
+        return float('nan')
     return float((volume - ndimage.gaussian_filter(volume, sigma))[inner].std())

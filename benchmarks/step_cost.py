@@ -4,7 +4,8 @@
     python benchmarks/step_cost.py --ngf 64 --n_res_blocks 9 --ndf 64 --batch_size 4 --height 128 --width 128
 
 Runs CycleGANTrainer.step on random slices (the cost does not depend on the values) for: the paired term
-alone (the recipe's warm-up), the CycleGAN terms on the whole batch, and with --gan_slices N when given.
+alone (the recipe's warm-up), the CycleGAN terms on the whole batch, with --gan_slices N when given, and the
+paired term with each extra term alone (the adversarial one with its discriminator step).
 Prints the median time of each and its ratio to the paired step. The CPU must be otherwise idle.
 """
 import os
@@ -45,6 +46,11 @@ def main(argv):
     cases = {'paired term only': (paired, 0), 'CycleGAN, whole batch': (full, 0)}
     if args.gan_slices:
         cases[f'CycleGAN, --gan_slices {args.gan_slices}'] = (full, args.gan_slices)
+    # what each extra term adds (with the discriminator step for the adversarial one), on the same slices
+    on = f', --gan_slices {args.gan_slices}' if args.gan_slices else ''
+    if full.ccl and full.adv:
+        cases[f'paired + cycle{on}'] = (LossWeights(0.0, full.ccl, 0.0, full.oml), args.gan_slices)
+        cases[f'paired + adversarial{on}'] = (LossWeights(full.adv, 0.0, 0.0, full.oml), args.gan_slices)
     times = {name: [] for name in cases}
     for round_ in range(ours.repeats + 1):  # the first round warms up
         for name, (weights, gan_slices) in cases.items():
@@ -59,7 +65,7 @@ def main(argv):
           f'ndf {args.ndf}, {amp_description(trainer.amp, trainer.device)}, {torch.get_num_threads()} threads; '
           f'median of {ours.repeats} x 8 steps')
     for name, values in times.items():
-        print(f'  {name:32s} {statistics.median(values) * 1000:8.1f} ms  {statistics.median(values) / base:.2f}x')
+        print(f'  {name:38s} {statistics.median(values) * 1000:8.1f} ms  {statistics.median(values) / base:.2f}x')
 
 
 if __name__ == '__main__':

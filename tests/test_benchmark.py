@@ -72,7 +72,8 @@ def test_step_cost_times_each_case_against_the_paired_step():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.endswith('x')]
     assert [' '.join(row[:-3]) for row in rows] == ['paired term only', 'CycleGAN, whole batch',
-                                                    'CycleGAN, --gan_slices 1']
+                                                    'CycleGAN, --gan_slices 1', 'paired + cycle, --gan_slices 1',
+                                                    'paired + adversarial, --gan_slices 1']
     assert rows[0][-1] == '1.00x' and all(float(row[-3]) > 0 for row in rows)
     cpu = torch.device('cpu')  # the header names the precision --amp auto picks on this CPU
     assert f', {amp_description(resolve_amp("auto", cpu), cpu)}, ' in done.stdout.splitlines()[0]

@@ -10,6 +10,7 @@ Prints the median time of each and its ratio to the paired step. The CPU must be
 """
 import os
 import statistics
+from dataclasses import replace
 import sys
 import time
 
@@ -21,7 +22,7 @@ from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
 from utils.device import amp_description, pick_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.losses import LossWeights, full_weights  # noqa: E402
+from utils.losses import full_weights  # noqa: E402
 from utils.trainer import CycleGANTrainer  # noqa: E402
 
 
@@ -42,15 +43,15 @@ def main(argv):
     trainer = CycleGANTrainer(args, device, experiment_dir='', build_data=False)  # writes nothing
     real_A, real_B = trainer._to_device(torch.rand(2, args.batch_size, 1, ours.height, ours.width) * 2 - 1)
     full = full_weights(args)
-    paired = LossWeights(0.0, 0.0, 0.0, full.oml)
+    paired = replace(full, adv=0.0, ccl=0.0, identity=0.0)
     cases = {'paired term only': (paired, 0), 'CycleGAN, whole batch': (full, 0)}
     if args.gan_slices:
         cases[f'CycleGAN, --gan_slices {args.gan_slices}'] = (full, args.gan_slices)
     # what each extra term adds (with the discriminator step for the adversarial one), on the same slices
     on = f', --gan_slices {args.gan_slices}' if args.gan_slices else ''
     if full.ccl and full.adv:
-        cases[f'paired + cycle{on}'] = (LossWeights(0.0, full.ccl, 0.0, full.oml), args.gan_slices)
-        cases[f'paired + adversarial{on}'] = (LossWeights(full.adv, 0.0, 0.0, full.oml), args.gan_slices)
+        cases[f'paired + cycle{on}'] = (replace(paired, ccl=full.ccl), args.gan_slices)
+        cases[f'paired + adversarial{on}'] = (replace(paired, adv=full.adv), args.gan_slices)
     times = {name: [] for name in cases}
     for round_ in range(ours.repeats + 1):  # the first round warms up
         for name, (weights, gan_slices) in cases.items():

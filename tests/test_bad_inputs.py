@@ -545,6 +545,12 @@ def learning_rate_nan(c):
 
 
 @case(TRAIN, 2)
+def beta2_of_one(c):
+    c.names.append('--beta2')
+    return c.train('--beta2', '1')
+
+
+@case(TRAIN, 2)
 def negative_loss_weight(c):
     c.names.append('--ccl_weight')
     return c.train('--ccl_weight', '-1')

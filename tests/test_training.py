@@ -202,6 +202,13 @@ def test_trainer_builds_networks_from_the_flags(pickle_dataset, tmp_path):
     assert len(trainer.train_set) == 15 and len(trainer.eval_set) == 5  # 3 and 1 subjects, 5 slices each
 
 
+@pytest.mark.parametrize('flags, beta2', [((), 0.999), (('--beta2', '0.99'), 0.99)])
+def test_beta2_is_the_second_moment_decay_of_both_optimizers(pickle_dataset, tmp_path, flags, beta2):
+    trainer = make_trainer(pickle_dataset, tmp_path, *flags)
+    for optimizer in (trainer.optimizer_G, trainer.optimizer_D):
+        assert optimizer.param_groups[0]['betas'] == (0.5, beta2)  # 0.999 by default: the seed's Adam
+
+
 def test_one_step_changes_every_parameter_of_all_four_networks(pickle_dataset, tmp_path):
     trainer = make_trainer(pickle_dataset, tmp_path)
     real_A, real_B = first_batch(trainer)

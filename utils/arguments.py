@@ -41,6 +41,9 @@ def build_parser():
     train.add_argument('--total_epoch', type=int, default=50, help='number of epochs (full passes over trainset)')
     train.add_argument('--batch_size', type=int, default=16, help='slices per optimizer step (per process under torchrun)')
     train.add_argument('--learning_rate', type=float, default=2e-4, help='Adam learning rate of all four networks')
+    train.add_argument('--beta2', type=float, default=0.999,
+                       help="Adam's second-moment decay (beta1 is the seed's 0.5); a lower value bounds the step a "
+                            'sudden large gradient can take')
     train.add_argument('--decay_epoch', type=int, default=4,
                        help='learning rate is constant up to this epoch, then decays linearly to 0 at the last epoch')
     train.add_argument('--adv_weight', type=float, default=1.0, help='weight of the adversarial loss')
@@ -108,6 +111,8 @@ def check_arguments(args):
         raise UserError('--batch_size must be at least 1')
     if not args.learning_rate > 0:
         raise UserError('--learning_rate must be positive')
+    if not 0 <= args.beta2 < 1:
+        raise UserError('--beta2 must be in [0, 1)')
     if not 0 <= args.lower_bound < args.upper_bound <= 1:
         raise UserError(f'--lower_bound ({args.lower_bound}) and --upper_bound ({args.upper_bound}) are fractions of '
                         'each subject\'s slices and need 0 <= lower < upper <= 1')

@@ -131,7 +131,7 @@ class CycleGANTrainer:
             device_ids = [self.device.index] if self.device.type == 'cuda' else None
             self.train_nets = {name: DistributedDataParallel(net, device_ids=device_ids)
                                for name, net in self.train_nets.items()}
-        betas = (0.5, 0.999)
+        betas = (0.5, args.beta2)
         self.optimizer_G = torch.optim.Adam(list(self.nets['G_AB'].parameters()) + list(self.nets['G_BA'].parameters()),
                                             lr=args.learning_rate, betas=betas)
         self.optimizer_D = torch.optim.Adam(list(self.nets['D_A'].parameters()) + list(self.nets['D_B'].parameters()),

@@ -10,8 +10,8 @@ Prints the median time of each and its ratio to the paired step. The CPU must be
 """
 import os
 import statistics
-from dataclasses import replace
 import sys
+from dataclasses import replace
 import time
 
 import torch

@@ -551,6 +551,12 @@ def beta2_of_one(c):
 
 
 @case(TRAIN, 2)
+def gan_every_zero(c):
+    c.names.append('--gan_every')
+    return c.train('--gan_every', '0')
+
+
+@case(TRAIN, 2)
 def negative_loss_weight(c):
     c.names.append('--ccl_weight')
     return c.train('--ccl_weight', '-1')

@@ -22,7 +22,7 @@ from model.generator import Generator
 from utils import metrics
 from utils.errors import UserError
 from utils.arguments import parse_arguments
-from utils.losses import (TERMS, LossWeights, discriminator_loss, full_weights, generator_losses,
+from utils.losses import (TERMS, LossWeights, discriminator_loss, full_weights, generator_losses, lazy_weights,
                           scheduled_weights)
 from utils.trainer import CycleGANTrainer, lr_factor
 
@@ -118,6 +118,7 @@ def test_default_weights_are_the_seed_table():
     assert (weights.adv, weights.ccl, weights.identity, weights.oml) == (1, 5, 1, 5)
     assert scheduled_weights(args, 0.0) == weights
     assert scheduled_weights(args, 37.5) == weights
+    assert all(lazy_weights(weights, step, args.gan_every) == weights for step in range(5))  # every step
 
 
 @pytest.fixture
@@ -364,9 +365,22 @@ def test_scheduled_weights(warmup, rampup, progress, ramp):
     assert weights.oml == 3
 
 
-def test_train_epoch_applies_lr_and_weight_schedules_per_iteration(pickle_dataset, tmp_path):
+@pytest.mark.parametrize('every', [1, 3])
+def test_lazy_weights_scale_the_gan_terms_on_every_kth_step_and_drop_them_between(every):
+    weights = LossWeights(adv=0.5, ccl=2.0, identity=1.0, oml=5.0)
+    for step in range(7):
+        lazy = lazy_weights(weights, step, every)
+        scale = every if step % every == 0 else 0
+        assert lazy == LossWeights(0.5 * scale, 2.0 * scale, 1.0 * scale, 5.0)
+    # over K steps the terms get their full weight on average
+    assert sum(lazy_weights(weights, step, every).ccl for step in range(every)) == every * 2.0
+
+
+@pytest.mark.parametrize('gan_every', [1, 2])
+def test_train_epoch_applies_lr_and_weight_schedules_per_iteration(pickle_dataset, tmp_path, gan_every):
     trainer = make_trainer(pickle_dataset, tmp_path, '--total_epoch', '3', '--decay_epoch', '1',
-                           '--warmup_epochs', '0.5', '--rampup_epochs', '1', '--sample_save_freq', '1000')
+                           '--warmup_epochs', '0.5', '--rampup_epochs', '1', '--sample_save_freq', '1000',
+                           '--gan_every', str(gan_every))
     os.makedirs(trainer.experiment_dir)
     record = []
     real_step = trainer.step
@@ -387,9 +401,11 @@ def test_train_epoch_applies_lr_and_weight_schedules_per_iteration(pickle_datase
     assert sum(r[3] for r in record[:iterations]) == 15  # every slice once per epoch
     for i, (weights, lr_G, lr_D, _) in enumerate(record):
         progress = i / iterations  # epochs done before this iteration
-        assert weights == scheduled_weights(trainer.args, progress)
+        assert weights == lazy_weights(scheduled_weights(trainer.args, progress), i % iterations, gan_every)
         assert lr_G == lr_D == pytest.approx(2e-4 * lr_factor(progress, 1, 3))
-    assert record[0][0].adv == 0 and record[-1][0].adv > 0
+    assert record[0][0].adv == 0 and record[-2 if gan_every == 2 else -1][0].adv > 0
+    if gan_every == 2:  # iteration 7 of 8 is not a K-th step: a paired step
+        assert record[-1][0] == LossWeights(0, 0, 0, 5)
     assert record[-1][1] < 2e-4
 
 

@@ -60,6 +60,10 @@ def build_parser():
     train.add_argument('--gan_slices', type=int, default=0,
                        help='compute the cycle, adversarial and discriminator terms on only the first N slices of '
                             'each batch (0: all); the paired and identity terms always use the whole batch')
+    train.add_argument('--gan_every', type=int, default=1,
+                       help='compute the adversarial, cycle and identity terms (and step the discriminators) on '
+                            'every K-th step only, at K times their weight (lazy regularisation); the steps between '
+                            'are paired steps')
     train.add_argument('--lower_bound', type=float, default=0.1,
                        help='fraction of each subject\'s slices (in slice order) skipped at the start')
     train.add_argument('--upper_bound', type=float, default=0.9,
@@ -121,6 +125,8 @@ def check_arguments(args):
             raise UserError(f'--{name} must be 0 or more')
     if args.gan_slices < 0:
         raise UserError('--gan_slices must be 0 (the whole batch) or more')
+    if args.gan_every < 1:
+        raise UserError('--gan_every must be 1 (every step) or more')
     if not 0 < args.real_label <= 1:
         raise UserError('--real_label must be in (0, 1]')
     if args.max_minutes is not None and not args.max_minutes > 0:

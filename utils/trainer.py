@@ -25,7 +25,7 @@ from utils.checkpoint import (atomic_save, discriminator_filename, generator_fil
 from utils.device import autocast, autocast_dtype, resolve_amp
 from utils.distributed import ProcessGroupInfo, ShardSampler, all_reduce_sum
 from utils.errors import UserError
-from utils.losses import (TERMS, discriminator_loss, full_weights, gan_part, generator_losses,
+from utils.losses import (TERMS, discriminator_loss, full_weights, gan_part, generator_losses, lazy_weights,
                           scheduled_weights)
 from utils.metrics import SetMetrics
 
@@ -238,7 +238,7 @@ class CycleGANTrainer:
                 break
             progress = self.epoch_progress(epoch, iteration)
             lr = self._set_learning_rate(progress)
-            weights = scheduled_weights(self.args, progress)
+            weights = lazy_weights(scheduled_weights(self.args, progress), iteration, self.args.gan_every)
             real_A, real_B = self._to_device((real_A, real_B))
             loss_G, terms, loss_D, fake_A, fake_B = self.step(real_A, real_B, weights)
             batch = real_A.shape[0]

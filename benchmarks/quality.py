@@ -43,6 +43,9 @@ def build_parser():
                         help='folder with SIEMENS/ and Philips/ NIfTI volumes (default: demo data built in --work_dir)')
     parser.add_argument('--subjects', type=int, default=12, help='demo subjects to build when --data_dir is not given')
     parser.add_argument('--name', default='recipe', help='label of the recipe in the table and run folders')
+    parser.add_argument('--nominal_cost', type=float, default=None,
+                        help='train on a nominal clock (benchmarks/nominal_clock.py): a paired step counts 0.2 s, a '
+                             'CycleGAN step this many times that; repeatable runs, free of timing noise')
     parser.add_argument('--skip_paired', action='store_true', help='do not train the paired-L1 reference')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
     return parser
@@ -79,7 +82,8 @@ def train_and_measure(label, flags, minutes, dataset, args):
     runs = os.path.join(args.work_dir, 'runs')
     os.makedirs(runs, exist_ok=True)
     started = time.perf_counter()
-    run(['train.py', *flags, '-ex', experiment, '--data_root', dataset, '--save_dir', runs,
+    trainer = ['benchmarks/nominal_clock.py', str(args.nominal_cost)] if args.nominal_cost else ['train.py']
+    run([*trainer, *flags, '-ex', experiment, '--data_root', dataset, '--save_dir', runs,
          '--max_minutes', str(minutes), '--overwrite'], os.path.join(runs, f'{experiment}.train.log'))
     wall = time.perf_counter() - started
     with open(os.path.join(runs, f'{experiment}.train.log')) as f:
@@ -110,6 +114,8 @@ def main(argv):
     given, recipe = recipe, absolute_flag_files(recipe)
     if any(not m > 0 for m in args.minutes):
         raise UserError('--minutes must be positive')
+    if args.nominal_cost is not None and not args.nominal_cost >= 1:
+        raise UserError('--nominal_cost must be at least 1 (a CycleGAN step costs more than a paired one)')
     parse_arguments(['-ex', 'check', *recipe])  # an unknown or bad recipe flag stops here, before any training
     check_writable_folder(args.work_dir, '--work_dir')
     paired_flags = recipe + PAIRED_L1_FLAGS

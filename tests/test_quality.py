@@ -102,6 +102,7 @@ def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
     (['--minutes', '-2'], '--minutes must be positive'),
     (['--minutes', '1', '--no_such_flag', '3'], 'unrecognized arguments: --no_such_flag'),
     (['--minutes', '1', '--ngf', 'wide'], "--ngf: invalid int value"),
+    (['--minutes', '1', '--nominal_cost', '0.5'], '--nominal_cost must be at least 1'),
 ])
 def test_quality_script_refuses_bad_input_before_training(argv, message, vendor_folders, tmp_path):
     result = run_quality(*argv, '--data_dir', str(vendor_folders), '--work_dir', str(tmp_path / 'work'))
@@ -115,6 +116,38 @@ def assert_refused_before_any_work(result, message, work_dir):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('error:') and message in last
     assert not work_dir.exists()
+
+
+def run_nominal_clock(pickle_dataset, save_dir, cost, *flags):
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'nominal_clock.py'), str(cost), *TINY,
+                             '-ex', 'n', '--data_root', pickle_dataset, '--save_dir', str(save_dir),
+                             '--max_minutes', '0.011', '--total_epoch', '2', '--decay_epoch', '1', *flags],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = int(result.stdout.split('done after epoch 1 (')[1].split(' steps')[0])
+    return steps, torch.load(save_dir / 'n' / 'model' / 'last.pth', weights_only=True)['networks']['G_AB']
+
+
+@pytest.mark.parametrize('cost, flags, steps', [
+    (1.5, ['--adv_weight', '0', '--ccl_weight', '0', '--identity_weight', '0'], 4),  # paired steps: 0.2 s each
+    (1.5, [], 3),  # CycleGAN steps: 0.3 s each
+    (2.0, [], 2),
+])
+def test_nominal_clock_counts_step_costs_and_repeats_exactly(pickle_dataset, tmp_path, cost, flags, steps):
+    """0.66 s of nominal clock (--max_minutes 0.011) hold as many steps as their costs allow, whatever the wall
+    time; a second run gives the same weights bit for bit."""
+    first, weights = run_nominal_clock(pickle_dataset, tmp_path / 'a', cost, *flags)
+    again, weights_again = run_nominal_clock(pickle_dataset, tmp_path / 'b', cost, *flags)
+    assert first == again == steps
+    assert all(torch.equal(weights[key], weights_again[key]) for key in weights)
+
+
+def test_nominal_clock_refuses_a_cost_below_one(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'nominal_clock.py'), '0.5', '-ex', 'n',
+                             '--save_dir', str(tmp_path / 'runs')], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('error: COST 0.5 must be a number of at least 1')
+    assert not (tmp_path / 'runs').exists()
 
 
 @pytest.mark.parametrize('fast', [True, False])

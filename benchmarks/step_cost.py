@@ -1,6 +1,6 @@
 """Time of one training step by which loss terms it computes, relative to a paired (matching-only) step.
 
-    python benchmarks/step_cost.py @recipes/cpu.args          # the recipe's networks, batch and --gan_slices
+    python benchmarks/step_cost.py @recipes/cpu.args          # the recipe's networks, batch, --gan_slices, --gan_every
     python benchmarks/step_cost.py --ngf 64 --n_res_blocks 9 --ndf 64 --batch_size 4 --height 128 --width 128
 
 Runs CycleGANTrainer.step on random slices (the cost does not depend on the values) for: the paired term
@@ -22,7 +22,7 @@ from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
 from utils.device import amp_description, pick_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.losses import full_weights  # noqa: E402
+from utils.losses import full_weights, lazy_weights  # noqa: E402
 from utils.trainer import CycleGANTrainer  # noqa: E402
 
 
@@ -52,15 +52,19 @@ def main(argv):
     if full.ccl and full.adv:
         cases[f'paired + cycle{on}'] = (replace(paired, ccl=full.ccl), args.gan_slices)
         cases[f'paired + adversarial{on}'] = (replace(paired, adv=full.adv), args.gan_slices)
+    if args.gan_every > 1:  # the mean step when every K-th one is a CycleGAN step
+        cases[f'CycleGAN{on}, --gan_every {args.gan_every}'] = (full, args.gan_slices)
     times = {name: [] for name in cases}
     for round_ in range(ours.repeats + 1):  # the first round warms up
         for name, (weights, gan_slices) in cases.items():
             trainer.args.gan_slices = gan_slices
+            every = args.gan_every if '--gan_every' in name else 1
+            steps = every * max(1, 8 // every)  # whole cycles of K steps
             started = time.perf_counter()
-            for _ in range(8):
-                trainer.step(real_A, real_B, weights)
+            for index in range(steps):
+                trainer.step(real_A, real_B, lazy_weights(weights, index, every))
             if round_:
-                times[name].append((time.perf_counter() - started) / 8)
+                times[name].append((time.perf_counter() - started) / steps)
     base = statistics.median(times['paired term only'])
     print(f'batch {args.batch_size} of {ours.height}x{ours.width}, ngf {args.ngf}, {args.n_res_blocks} blocks, '
           f'ndf {args.ndf}, {amp_description(trainer.amp, trainer.device)}, {torch.get_num_threads()} threads; '

@@ -66,14 +66,15 @@ print(" ".join(dtypes))
 
 def test_step_cost_times_each_case_against_the_paired_step():
     argv = ['--ngf', '4', '--n_res_blocks', '1', '--ndf', '4', '--batch_size', '2', '--height', '24', '--width', '24',
-            '--repeats', '1', '--gan_slices', '1', '--amp', 'auto']
+            '--repeats', '1', '--gan_slices', '1', '--gan_every', '3', '--amp', 'auto']
     done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.endswith('x')]
     assert [' '.join(row[:-3]) for row in rows] == ['paired term only', 'CycleGAN, whole batch',
                                                     'CycleGAN, --gan_slices 1', 'paired + cycle, --gan_slices 1',
-                                                    'paired + adversarial, --gan_slices 1']
+                                                    'paired + adversarial, --gan_slices 1',
+                                                    'CycleGAN, --gan_slices 1, --gan_every 3']
     assert rows[0][-1] == '1.00x' and all(float(row[-3]) > 0 for row in rows)
     cpu = torch.device('cpu')  # the header names the precision --amp auto picks on this CPU
     assert f', {amp_description(resolve_amp("auto", cpu), cpu)}, ' in done.stdout.splitlines()[0]

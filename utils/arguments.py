@@ -63,7 +63,7 @@ def build_parser():
     train.add_argument('--gan_every', type=int, default=1,
                        help='compute the adversarial, cycle and identity terms (and step the discriminators) on '
                             'every K-th step only, at K times their weight (lazy regularisation); the steps between '
-                            'are paired steps')
+                            'are paired steps, and count as 0 in those terms\' train means in loss.csv')
     train.add_argument('--lower_bound', type=float, default=0.1,
                        help='fraction of each subject\'s slices (in slice order) skipped at the start')
     train.add_argument('--upper_bound', type=float, default=0.9,

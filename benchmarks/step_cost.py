@@ -44,21 +44,21 @@ def main(argv):
     real_A, real_B = trainer._to_device(torch.rand(2, args.batch_size, 1, ours.height, ours.width) * 2 - 1)
     full = full_weights(args)
     paired = replace(full, adv=0.0, ccl=0.0, identity=0.0)
-    cases = {'paired term only': (paired, 0), 'CycleGAN, whole batch': (full, 0)}
+    # name -> (weights, --gan_slices, --gan_every)
+    cases = {'paired term only': (paired, 0, 1), 'CycleGAN, whole batch': (full, 0, 1)}
     if args.gan_slices:
-        cases[f'CycleGAN, --gan_slices {args.gan_slices}'] = (full, args.gan_slices)
+        cases[f'CycleGAN, --gan_slices {args.gan_slices}'] = (full, args.gan_slices, 1)
     # what each extra term adds (with the discriminator step for the adversarial one), on the same slices
     on = f', --gan_slices {args.gan_slices}' if args.gan_slices else ''
     if full.ccl and full.adv:
-        cases[f'paired + cycle{on}'] = (replace(paired, ccl=full.ccl), args.gan_slices)
-        cases[f'paired + adversarial{on}'] = (replace(paired, adv=full.adv), args.gan_slices)
+        cases[f'paired + cycle{on}'] = (replace(paired, ccl=full.ccl), args.gan_slices, 1)
+        cases[f'paired + adversarial{on}'] = (replace(paired, adv=full.adv), args.gan_slices, 1)
     if args.gan_every > 1:  # the mean step when every K-th one is a CycleGAN step
-        cases[f'CycleGAN{on}, --gan_every {args.gan_every}'] = (full, args.gan_slices)
+        cases[f'CycleGAN{on}, --gan_every {args.gan_every}'] = (full, args.gan_slices, args.gan_every)
     times = {name: [] for name in cases}
     for round_ in range(ours.repeats + 1):  # the first round warms up
-        for name, (weights, gan_slices) in cases.items():
+        for name, (weights, gan_slices, every) in cases.items():
             trainer.args.gan_slices = gan_slices
-            every = args.gan_every if '--gan_every' in name else 1
             steps = every * max(1, 8 // every)  # whole cycles of K steps
             started = time.perf_counter()
             for index in range(steps):

@@ -83,7 +83,8 @@ def load_generator(experiment_dir, src_vendor, trg_vendor, epoch, device):
                 epoch = f'best (epoch {json.load(f)["A2B" if src_vendor == vendors[0] else "B2A"]["epoch"]})'
         except (OSError, ValueError, KeyError, TypeError):
             epoch = 'best'
-    generator = Generator(ngf=arguments['ngf'], n_res_blocks=arguments['n_res_blocks'])
+    generator = Generator(ngf=arguments['ngf'], n_res_blocks=arguments['n_res_blocks'],
+                          input_skip=arguments.get('input_skip', False))
     load_weights(path, generator)
     return generator.to(device).eval(), epoch
 

@@ -68,9 +68,14 @@ class Generator(nn.Module):
 
     Input and output are (N, channels, H, W) in [-1, 1]. The two downsamplings need H and W to be
     multiples of 4: other sizes are padded (edge values repeated) and the output cropped back.
+
+    input_skip=True (off in the seed's network) adds ngf maps computed from each input voxel alone (a 1x1
+    convolution and a ReLU: a learned intensity curve) to the last convolution's input. Instance
+    normalisation removes each slice's intensity level from every other layer, so without it the network
+    must guess a voxel's absolute intensity from the anatomy around it.
     """
 
-    def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9):
+    def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9, input_skip=False):
         super().__init__()
         layers = [
             nn.ReflectionPad2d(3),
@@ -94,13 +99,24 @@ class Generator(nn.Module):
                 nn.ReLU(inplace=True),
             ]
             channels //= 2
-        layers += [nn.ReflectionPad2d(3), ShiftAddConv2d(channels, out_channels, 7), nn.Tanh()]
-        self.model = nn.Sequential(*layers)
+        head = [nn.ReflectionPad2d(3), ShiftAddConv2d(channels + (ngf if input_skip else 0), out_channels, 7), nn.Tanh()]
+        if input_skip:
+            self.model = nn.Sequential(*layers)
+            self.intensity = nn.Sequential(nn.Conv2d(in_channels, ngf, 1), nn.ReLU(inplace=True))
+            self.head = nn.Sequential(*head)
+        else:  # the seed's layout: one Sequential, so its checkpoints keep their keys
+            self.model = nn.Sequential(*layers, *head)
+        self.input_skip = input_skip
+
+    def _run(self, x):
+        if self.input_skip:
+            return self.head(torch.cat([self.model(x), self.intensity(x)], dim=1))
+        return self.model(x)
 
     def forward(self, x):
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % 4, -width % 4
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
-            return self.model(x)[..., :height, :width]
-        return self.model(x)
+            return self._run(x)[..., :height, :width]
+        return self._run(x)

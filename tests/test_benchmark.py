@@ -82,3 +82,39 @@ def test_step_cost_times_each_case_against_the_paired_step():
         done = subprocess.run([sys.executable, 'benchmarks/step_cost.py', *bad], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode != 0 and flag in done.stderr and 'Traceback' not in done.stderr
+
+
+def test_second_shift_writes_a_pair_per_volume_and_refuses_to_replace_other_files(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    from conftest import mni_t1
+    source = tmp_path / 'in'
+    source.mkdir()
+    template = mni_t1(4)
+    data = np.asarray(template.dataobj)
+    nib.save(nib.Nifti1Image(data, template.affine), source / 'a.nii.gz')
+    nib.save(nib.Nifti1Image(data[::-1].copy(), template.affine), source / 'b.nii')
+    out = tmp_path / 'out'
+    run = lambda *flags: subprocess.run([sys.executable, 'benchmarks/second_shift.py', '--input_dir', str(source),  # noqa: E731
+                                         '--output_dir', str(out), *flags], cwd=REPO, capture_output=True,
+                                        text=True, timeout=120)
+    done = run()
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ('a.nii.gz', 'b.nii'):
+        first, second = nib.load(out / 'SIEMENS' / name), nib.load(out / 'Philips' / name)
+        assert np.array_equal(np.asarray(first.dataobj), np.asarray(nib.load(source / name).dataobj))
+        assert second.shape == first.shape and np.allclose(second.affine, first.affine)
+        x, y = np.asarray(first.dataobj, dtype=np.float64), np.asarray(second.dataobj, dtype=np.float64)
+        assert np.all(y[x == 0] == 0) and y.max() > 1000
+        # the documented mapping: a gamma curve and a blur explain the new scan but for the bias field and noise
+        model = ndimage.gaussian_filter(np.clip(x / np.percentile(x[x > 0], 99.5), 0, None) ** 1.5, 0.65)
+        assert np.corrcoef(model[x > 0], y[x > 0])[0, 1] > 0.98
+    before = (out / 'Philips' / 'a.nii.gz').read_bytes()
+    done = run()  # exists, no --overwrite
+    assert done.returncode != 0 and '--overwrite' in done.stderr and 'Traceback' not in done.stderr
+    (out / 'notes.txt').write_text('mine')
+    done = run('--overwrite')  # holds a file this script did not write
+    assert done.returncode != 0 and 'choose another --output_dir' in done.stderr and 'Traceback' not in done.stderr
+    assert (out / 'notes.txt').read_text() == 'mine' and (out / 'Philips' / 'a.nii.gz').read_bytes() == before

@@ -225,3 +225,30 @@ def test_downsamplings_stay_float32_under_autocast():
     assert torch.equal(got, plain(features.bfloat16().float()))
     with torch.device('meta'):  # the benchmark counts FLOPs on the meta device
         assert Generator(ngf=8, n_res_blocks=1)(torch.empty(1, 1, 28, 36)).shape == (1, 1, 28, 36)
+
+
+def test_seed_generator_cannot_see_a_slice_intensity_level_and_input_skip_can():
+    """Instance normalisation after the first convolution removes any a*x + b (a > 0) change of the whole
+    slice, so the seed's generator gives a slice and a darker, shifted copy of it the same output;
+    --input_skip's intensity maps make the output depend on the level."""
+    torch.manual_seed(0)
+    from nilearn.datasets import load_mni152_template
+    data = np.asarray(load_mni152_template(resolution=4).dataobj, dtype=np.float32)
+    slice_ = torch.from_numpy(data[:, :, 20] / data.max())[None, None] * 2 - 1
+    darker = 0.6 * slice_ - 0.2
+    change = {}
+    for input_skip in (False, True):
+        generator = Generator(ngf=8, n_res_blocks=1, input_skip=input_skip).eval()
+        with torch.no_grad():
+            change[input_skip] = (generator(slice_) - generator(darker)).abs().max().item()
+    assert change[False] < 1e-3  # only the normalisation's epsilon (1e-5 in the variance) tells them apart
+    assert change[True] > 0.05
+
+
+def test_input_skip_adds_the_intensity_maps_and_keeps_the_seed_layout_without_it():
+    ngf = 8
+    plain, skip = Generator(ngf=ngf, n_res_blocks=1), Generator(ngf=ngf, n_res_blocks=1, input_skip=True)
+    # a 1x1 convolution 1 -> ngf, and ngf more input channels to the last 7x7 convolution
+    assert count(skip) - count(plain) == conv_params(1, ngf, 1) + ngf * 49
+    assert not any(key.startswith(('intensity', 'head')) for key in plain.state_dict())
+    assert {key.split('.')[0] for key in skip.state_dict()} == {'model', 'intensity', 'head'}

@@ -76,6 +76,9 @@ def build_parser():
     model = parser.add_argument_group('networks')
     model.add_argument('--ngf', type=int, default=64, help='generator width (filters of the first conv)')
     model.add_argument('--n_res_blocks', type=int, default=9, help='generator depth (residual blocks)')
+    model.add_argument('--input_skip', action=argparse.BooleanOptionalAction, default=False,
+                       help='give the generator\'s last layer a learned curve of each input voxel\'s intensity (off in '
+                            'the seed\'s network, whose instance normalisation hides the intensity level)')
     model.add_argument('--ndf', type=int, default=64, help='discriminator width')
 
     run = parser.add_argument_group('logging and running')

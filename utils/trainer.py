@@ -114,8 +114,8 @@ class CycleGANTrainer:
     def _build_networks(self):
         args = self.args
         self.nets = {
-            'G_AB': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks),
-            'G_BA': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks),
+            'G_AB': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks, input_skip=args.input_skip),
+            'G_BA': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks, input_skip=args.input_skip),
             'D_A': Discriminator(ndf=args.ndf),
             'D_B': Discriminator(ndf=args.ndf),
         }

@@ -66,7 +66,8 @@ def main(argv):
             if round_:
                 times[name].append((time.perf_counter() - started) / steps)
     base = statistics.median(times['paired term only'])
-    print(f'batch {args.batch_size} of {ours.height}x{ours.width}, ngf {args.ngf}, {args.n_res_blocks} blocks, '
+    print(f'batch {args.batch_size} of {ours.height}x{ours.width}, ngf {args.ngf}, {args.n_res_blocks} blocks'
+          f'{", input skip" if args.input_skip else ""}, '
           f'ndf {args.ndf}, {amp_description(trainer.amp, trainer.device)}, {torch.get_num_threads()} threads; '
           f'median of {ours.repeats} x 8 steps')
     for name, values in times.items():

@@ -129,13 +129,13 @@ def weights(experiment, src, trg, epoch):
     return os.path.join(experiment['dir'], 'model', f'netG_{TAGS[src]}_to_{TAGS[trg]}_{suffix}.pth')
 
 
-def manual_harmonize(path, weights_path, scale):
+def manual_harmonize(path, weights_path, scale, input_skip=False):
     """The whole recipe written out: canonical -> robust-max normalisation -> generator per axial slice ->
     background zero -> target scale -> the input's storage orientation."""
     image = nib.load(str(path))
     data = nib.as_closest_canonical(image).get_fdata().astype(np.float32)
     unit = normalised(data).astype(np.float32)
-    generator = Generator(ngf=8, n_res_blocks=2)
+    generator = Generator(ngf=8, n_res_blocks=2, input_skip=input_skip)
     generator.load_state_dict(torch.load(weights_path, map_location='cpu', weights_only=True))
     generator.eval()
     with torch.no_grad():
@@ -157,9 +157,9 @@ def output_of(save_dir, stem):
     return os.path.join(str(save_dir), f'{stem}_harmonized.nii.gz')
 
 
-def assert_matches_manual(output_path, input_path, weights_path, scale):
+def assert_matches_manual(output_path, input_path, weights_path, scale, input_skip=False):
     got = np.asarray(nib.load(output_path).dataobj, dtype=np.float32)
-    want = manual_harmonize(input_path, weights_path, scale)
+    want = manual_harmonize(input_path, weights_path, scale, input_skip)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 * (scale or 1))
 
@@ -287,6 +287,21 @@ def test_epochs_1_and_2_give_different_outputs(experiment, one_input, tmp_path):
     a = np.asarray(nib.load(output_of(tmp_path / 'e1', 'subj_050')).dataobj)
     b = np.asarray(nib.load(output_of(tmp_path / 'e2', 'subj_050')).dataobj)
     assert not np.allclose(a, b)
+
+
+def test_experiment_trained_with_input_skip_is_harmonized_by_that_generator(experiment, one_input, tmp_path):
+    """arguments.txt says --input_skip, so inference builds the generator with the intensity maps."""
+    flags = tiny_train_flags(lower_bound=0.45, upper_bound=0.55, total_epoch=1, decay_epoch=0)
+    result = subprocess.run([sys.executable, 'train.py', '-ex', 'skip', '--data_root', str(experiment['dataset']),
+                             '--save_dir', str(tmp_path), *flags, '--input_skip'], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    failed = inference_nii.main(str(one_input), str(tmp_path / 'out'), src_vendor='SIEMENS', trg_vendor='Philips',
+                                experiment='skip', epoch='latest', results_root=str(tmp_path), device='cpu')
+    assert failed == []
+    assert_matches_manual(output_of(tmp_path / 'out', 'subj_050'), one_input / 'subj_050.nii.gz',
+                          os.path.join(str(tmp_path), 'skip', 'model', 'netG_S_to_P_epoch_1.pth'),
+                          experiment['info']['intensity_scale']['Philips'], input_skip=True)
 
 
 def test_other_direction_uses_the_other_generator(experiment, one_input, tmp_path):

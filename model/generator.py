@@ -70,9 +70,9 @@ class Generator(nn.Module):
     multiples of 4: other sizes are padded (edge values repeated) and the output cropped back.
 
     input_skip=True (off in the seed's network) adds ngf maps computed from each input voxel alone (a 1x1
-    convolution and a ReLU: a learned intensity curve) to the last convolution's input. Instance
-    normalisation removes each slice's intensity level from every other layer, so without it the network
-    must guess a voxel's absolute intensity from the anatomy around it.
+    convolution and a ReLU: a learned intensity curve) to the last convolution's input. Without them the
+    network cannot see intensity levels: the instance normalisation after the first convolution gives a
+    slice and any a * x + b (a > 0) of it the same output, so it must guess them from the anatomy.
     """
 
     def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9, input_skip=False):
@@ -99,7 +99,8 @@ class Generator(nn.Module):
                 nn.ReLU(inplace=True),
             ]
             channels //= 2
-        head = [nn.ReflectionPad2d(3), ShiftAddConv2d(channels + (ngf if input_skip else 0), out_channels, 7), nn.Tanh()]
+        head_channels = channels + (ngf if input_skip else 0)
+        head = [nn.ReflectionPad2d(3), ShiftAddConv2d(head_channels, out_channels, 7), nn.Tanh()]
         if input_skip:
             self.model = nn.Sequential(*layers)
             self.intensity = nn.Sequential(nn.Conv2d(in_channels, ngf, 1), nn.ReLU(inplace=True))

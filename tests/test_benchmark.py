@@ -1,11 +1,14 @@
-"""benchmarks/benchmark.py on tiny sizes: the figures the issue names, in one JSON last line, and what it skipped."""
+"""The benchmark scripts on tiny inputs: benchmark.py, amp_precision.py, step_cost.py and second_shift.py."""
 import json
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import torch
+from scipy import ndimage
 
-from conftest import REPO
+from conftest import REPO, mni_t1
 from utils.device import amp_description, resolve_amp
 
 
@@ -85,11 +88,6 @@ def test_step_cost_times_each_case_against_the_paired_step():
 
 
 def test_second_shift_writes_a_pair_per_volume_and_refuses_to_replace_other_files(tmp_path):
-    import nibabel as nib
-    import numpy as np
-    from scipy import ndimage
-
-    from conftest import mni_t1
     source = tmp_path / 'in'
     source.mkdir()
     template = mni_t1(4)
@@ -97,9 +95,10 @@ def test_second_shift_writes_a_pair_per_volume_and_refuses_to_replace_other_file
     nib.save(nib.Nifti1Image(data, template.affine), source / 'a.nii.gz')
     nib.save(nib.Nifti1Image(data[::-1].copy(), template.affine), source / 'b.nii')
     out = tmp_path / 'out'
-    run = lambda *flags: subprocess.run([sys.executable, 'benchmarks/second_shift.py', '--input_dir', str(source),  # noqa: E731
-                                         '--output_dir', str(out), *flags], cwd=REPO, capture_output=True,
-                                        text=True, timeout=120)
+
+    def run(*flags):
+        return subprocess.run([sys.executable, 'benchmarks/second_shift.py', '--input_dir', str(source),
+                               '--output_dir', str(out), *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
     done = run()
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ('a.nii.gz', 'b.nii'):

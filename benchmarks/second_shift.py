@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import check_writable_folder  # noqa: E402
+from utils.volume import list_nifti, load_volume, robust_max  # noqa: E402
 
 GAMMA = 1.5
 BLUR_SIGMA_VOXELS = 0.65  # FWHM about 1.5 voxels
@@ -35,7 +36,7 @@ SCALE = 4000.0
 def shifted(data, rng):
     """The second vendor's view of one scan (float array, background 0)."""
     foreground = data > 0
-    unit = np.clip(data / np.percentile(data[foreground], 99.5), 0, None)
+    unit = np.clip(data / robust_max(data), 0, None)
     out = ndimage.gaussian_filter(unit ** GAMMA, BLUR_SIGMA_VOXELS)
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape], indexing='ij')
     out *= 1 + BIAS * (1 - 2 * sum(g ** 2 for g in grid) / len(grid))
@@ -51,9 +52,8 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0, help='seed of the noise')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --output_dir')
     args = parser.parse_args(argv)
-    names = sorted(n for n in os.listdir(args.input_dir) if n.endswith(('.nii', '.nii.gz'))) \
-        if os.path.isdir(args.input_dir) else []
-    if not names:
+    sources = list_nifti(args.input_dir) if os.path.isdir(args.input_dir) else []
+    if not sources:
         raise UserError(f'{args.input_dir}: no .nii or .nii.gz volumes; give the first vendor\'s folder of a '
                         'paired data set, e.g. demo/nifti/SIEMENS')
     check_writable_folder(args.output_dir, '--output_dir')
@@ -67,15 +67,15 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     for vendor in ('SIEMENS', 'Philips'):
         os.makedirs(os.path.join(args.output_dir, vendor))
-    for name in names:
-        source = os.path.join(args.input_dir, name)
-        image = nib.load(source)
+    for source in sources:
+        name = os.path.basename(source)
+        image = load_volume(source)
         target = nib.Nifti1Image(shifted(np.asarray(image.dataobj, dtype=np.float64), rng), image.affine)
         target.set_qform(image.affine, code=1)
         target.set_sform(image.affine, code=1)
         shutil.copyfile(source, os.path.join(args.output_dir, 'SIEMENS', name))
         nib.save(target, os.path.join(args.output_dir, 'Philips', name))
-    print(f'wrote {len(names)} pairs to {args.output_dir}/SIEMENS and {args.output_dir}/Philips')
+    print(f'wrote {len(sources)} pairs to {args.output_dir}/SIEMENS and {args.output_dir}/Philips')
 
 
 if __name__ == '__main__':

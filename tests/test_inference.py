@@ -84,10 +84,10 @@ def raw_header(path):
 
 # ---- the experiment -----------------------------------------------------------------------------
 
-def train(data_root, save_dir, name, **overrides):
+def train(data_root, save_dir, name, *extra_flags, **overrides):
     flags = tiny_train_flags(lower_bound=0.45, upper_bound=0.55, **overrides)
     result = subprocess.run([sys.executable, 'train.py', '-ex', name, '--data_root', str(data_root),
-                             '--save_dir', str(save_dir), *flags], cwd=REPO, capture_output=True, text=True,
+                             '--save_dir', str(save_dir), *flags, *extra_flags], cwd=REPO, capture_output=True, text=True,
                             timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return os.path.join(str(save_dir), name)
@@ -291,11 +291,7 @@ def test_epochs_1_and_2_give_different_outputs(experiment, one_input, tmp_path):
 
 def test_experiment_trained_with_input_skip_is_harmonized_by_that_generator(experiment, one_input, tmp_path):
     """arguments.txt says --input_skip, so inference builds the generator with the intensity maps."""
-    flags = tiny_train_flags(lower_bound=0.45, upper_bound=0.55, total_epoch=1, decay_epoch=0)
-    result = subprocess.run([sys.executable, 'train.py', '-ex', 'skip', '--data_root', str(experiment['dataset']),
-                             '--save_dir', str(tmp_path), *flags, '--input_skip'], cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    train(experiment['dataset'], tmp_path, 'skip', '--input_skip', total_epoch=1, decay_epoch=0)
     failed = inference_nii.main(str(one_input), str(tmp_path / 'out'), src_vendor='SIEMENS', trg_vendor='Philips',
                                 experiment='skip', epoch='latest', results_root=str(tmp_path), device='cpu')
     assert failed == []

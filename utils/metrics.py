@@ -1,5 +1,5 @@
-"""SSIM and PSNR as skimage.metrics computes them, on images scaled to [0, 1] (data_range=1), and a measure of
-fine texture."""
+"""SSIM and PSNR as skimage.metrics computes them, on images scaled to [0, 1] (data_range=1), a measure of
+fine texture, and the distance between two vendors' intensity distributions."""
 import math
 
 import numpy as np
@@ -92,3 +92,19 @@ def fine_detail(volume, mask, sigma=1.0):
     if not inner.any():
         return float('nan')
     return float((volume - ndimage.gaussian_filter(volume, sigma))[inner].std())
+
+
+def foreground_values(images, threshold=0.0):
+    """The intensities above `threshold` of any number of images in [0, 1], as one flat float64 array
+    (the background of a skull-stripped or zero-background scan is left out)."""
+    values = np.asarray(images, dtype=np.float64).ravel()
+    return values[values > threshold]
+
+
+def vendor_distance(values, target_values):
+    """1-D Wasserstein distance between two sets of foreground intensities (both in [0, 1]): how far a volume's
+    intensity distribution is from the target vendor's. 0 for the same distribution; lower is better."""
+    from scipy.stats import wasserstein_distance
+    if len(values) == 0 or len(target_values) == 0:
+        return float('nan')
+    return float(wasserstein_distance(values, target_values))

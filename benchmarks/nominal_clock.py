@@ -28,8 +28,8 @@ def use_nominal_clock(cycle_gan_cost):
     utils.trainer.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
     timed_step = utils.trainer.CycleGANTrainer.step
 
-    def step(self, real_A, real_B, weights):
-        result = timed_step(self, real_A, real_B, weights)
+    def step(self, real_A, real_B, weights, matching=None):
+        result = timed_step(self, real_A, real_B, weights, matching)
         clock[0] += PAIRED_STEP_SECONDS * (cycle_gan_cost if (weights.adv or weights.ccl) else 1.0)
         return result
 

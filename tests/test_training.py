@@ -21,7 +21,7 @@ from model.discriminator import Discriminator
 from model.generator import Generator
 from utils import metrics
 from utils.errors import UserError
-from utils.arguments import parse_arguments
+from utils.arguments import parse_arguments, resolve_matching_weight
 from utils.losses import (TERMS, LossWeights, discriminator_loss, full_weights, generator_losses, lazy_weights,
                           scheduled_weights)
 from utils.trainer import CycleGANTrainer, lr_factor
@@ -114,6 +114,7 @@ def test_to_unit_range_maps_network_range():
 
 def test_default_weights_are_the_seed_table():
     args = parse_arguments(['-ex', 'x'])
+    resolve_matching_weight(args, n_pairs=10, train_dir='trainset')  # the matching term is on where there are pairs
     weights = full_weights(args)
     assert (weights.adv, weights.ccl, weights.identity, weights.oml) == (1, 5, 1, 5)
     assert scheduled_weights(args, 0.0) == weights
@@ -385,7 +386,7 @@ def test_train_epoch_applies_lr_and_weight_schedules_per_iteration(pickle_datase
     record = []
     real_step = trainer.step
 
-    def step(real_A, real_B, weights):
+    def step(real_A, real_B, weights, matching=None):
         record.append((weights, trainer.optimizer_G.param_groups[0]['lr'], trainer.optimizer_D.param_groups[0]['lr'],
                        real_A.shape[0]))
         return real_step(real_A, real_B, weights)

@@ -5,6 +5,7 @@ import os
 
 from utils.device import AMP_CHOICES
 from utils.errors import UserError
+from utils.losses import DEFAULT_MATCHING_WEIGHT
 
 
 class CliParser(argparse.ArgumentParser):
@@ -49,7 +50,9 @@ def build_parser():
     train.add_argument('--adv_weight', type=float, default=1.0, help='weight of the adversarial loss')
     train.add_argument('--ccl_weight', type=float, default=5.0, help='weight of the cycle-consistency L1 loss')
     train.add_argument('--identity_weight', type=float, default=1.0, help='weight of the identity L1 loss')
-    train.add_argument('--oml_weight', type=float, default=5.0, help='weight of the original-matching (paired) L1 loss')
+    train.add_argument('--oml_weight', type=float, default=None,
+                       help='weight of the original-matching L1 loss, computed on true pairs only (default: 5 where '
+                            'the training set has pairs, 0 where it has none)')
     train.add_argument('--warmup_epochs', type=float, default=0.0,
                        help='epochs at the start trained with the paired (oml) loss only; adversarial, cycle and '
                             'identity terms are off (not computed) during the warm-up')
@@ -124,7 +127,7 @@ def check_arguments(args):
         raise UserError(f'--lower_bound ({args.lower_bound}) and --upper_bound ({args.upper_bound}) are fractions of '
                         'each subject\'s slices and need 0 <= lower < upper <= 1')
     for name in ('adv_weight', 'ccl_weight', 'identity_weight', 'oml_weight', 'warmup_epochs', 'rampup_epochs'):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise UserError(f'--{name} must be 0 or more')
     if args.gan_slices < 0:
         raise UserError('--gan_slices must be 0 (the whole batch) or more')
@@ -139,10 +142,7 @@ def check_arguments(args):
             raise UserError(f'--{name} must be positive')
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise UserError('--stop_after_epoch must be at least 1')
-    if not (args.adv_weight or args.ccl_weight or args.identity_weight or args.oml_weight):
-        raise UserError('all loss weights are 0: nothing to train; set --oml_weight or another weight above 0')
-    if args.warmup_epochs > 0 and not args.oml_weight:
-        raise UserError('--warmup_epochs trains with the paired loss only, so it needs --oml_weight above 0')
+    check_loss_weights(args)
     if args.num_workers < 0:
         raise UserError('--num_workers must be 0 or more')
     if args.vendor1 == args.vendor2:
@@ -150,6 +150,29 @@ def check_arguments(args):
     if args.overwrite and args.resume:
         raise UserError('--overwrite and --resume contradict each other; pass one')
     return args
+
+
+def check_loss_weights(args):
+    """The weights must leave something to train; an unset --oml_weight (None) counts as on."""
+    oml = 1.0 if args.oml_weight is None else args.oml_weight
+    if not (args.adv_weight or args.ccl_weight or args.identity_weight or oml):
+        raise UserError('all loss weights are 0: nothing to train; set --oml_weight or another weight above 0')
+    if args.warmup_epochs > 0 and not oml:
+        raise UserError('--warmup_epochs trains with the paired loss only, so it needs --oml_weight above 0')
+
+
+def resolve_matching_weight(args, n_pairs, train_dir):
+    """Fill in --oml_weight once the training set is known: 5 with pairs, 0 (off) without; an explicit
+    non-zero weight on data without pairs is an error."""
+    if args.oml_weight is None:
+        args.oml_weight = DEFAULT_MATCHING_WEIGHT if n_pairs else 0.0
+    elif args.oml_weight > 0 and not n_pairs:
+        raise UserError(f'--oml_weight {args.oml_weight:g}: {train_dir} has no paired slices (no subject scanned on '
+                        'both vendors), so the matching term has nothing to compare; drop --oml_weight or pass 0')
+    if args.warmup_epochs > 0 and not args.oml_weight:
+        raise UserError(f'--warmup_epochs {args.warmup_epochs:g} trains with the matching term alone, which '
+                        f'{train_dir} cannot have (no pairs); drop --warmup_epochs')
+    check_loss_weights(args)
 
 
 def parse_arguments(argv=None):

@@ -5,6 +5,9 @@ Generator loss = adv * Adversarial + ccl * Cycle + identity * Identity + oml * M
   Cycle       = |G_BA(G_AB(A)) - A| + |G_AB(G_BA(B)) - B|
   Identity    = |G_AB(B) - B| + |G_BA(A) - A|
   Matching    = |G_AB(A) - B| + |G_BA(B) - A|          (the paired, "original matching" term)
+On data that is not all paired, A and B are drawn independently and Matching compares G_AB(A) with the
+vendor-B scan of the same slice, and G_BA(B) with the vendor-A one, over only the slices that have one (a
+single-vendor slice never enters it); it is 0 for a batch without such slices.
 Each discriminator: BCE(D(real), real) + BCE(D(fake.detach()), 0).
 A term whose weight is zero costs nothing: its generator passes are not run. With gan_slices = N > 0 the
 cycle and adversarial terms (and the discriminators' loss) see only the first N slices of the batch.
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 TERMS = ('Adversarial', 'Cycle', 'Identity', 'Matching')
+DEFAULT_MATCHING_WEIGHT = 5.0  # the seed's --oml_weight, used where the flag is not given and the data has pairs
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,9 @@ class LossWeights:
 
 
 def full_weights(args):
-    return LossWeights(args.adv_weight, args.ccl_weight, args.identity_weight, args.oml_weight)
+    """The flags' weights; an unset --oml_weight (None, before the trainer has seen the data) is the seed's."""
+    oml = DEFAULT_MATCHING_WEIGHT if args.oml_weight is None else args.oml_weight
+    return LossWeights(args.adv_weight, args.ccl_weight, args.identity_weight, oml)
 
 
 def scheduled_weights(args, epoch_progress):
@@ -77,9 +83,27 @@ def _run(generator, *batches):
     return torch.split(generator(torch.cat(batches)), [b.shape[0] for b in batches])
 
 
-def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1.0, gan_slices=0):
+@dataclass(frozen=True)
+class MatchingTargets:
+    """For a batch of independently drawn slices: the other vendor's scan of each slice where there is one.
+    target_B[i] is the vendor-B scan of real_A[i]'s slice where has_B[i]; target_A likewise for real_B."""
+    target_B: torch.Tensor
+    has_B: torch.Tensor
+    target_A: torch.Tensor
+    has_A: torch.Tensor
+
+
+def _masked_l1(prediction, target, mask):
+    """L1 over the batch items where mask is True; 0 when there are none."""
+    if not bool(mask.any()):
+        return prediction.new_zeros((), dtype=torch.float32)
+    return _l1(prediction[mask], target[mask])
+
+
+def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1.0, gan_slices=0, matching=None):
     """Loss terms of one batch (unweighted, each a scalar tensor) and the fakes (None when not needed).
 
+    real_A[i] and real_B[i] are a pair unless `matching` (MatchingTargets) says which true pairs the batch has.
     Runs each needed generator pass once: A->B and B->A fakes (with the identity passes batched
     into the same call), then the cycles.
     """
@@ -103,8 +127,11 @@ def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1
         terms['Adversarial'] = _bce_to(D_B(fake_B[part]), real_label) + _bce_to(D_A(fake_A[part]), real_label)
     if weights.ccl:
         terms['Cycle'] = _l1(G_BA(fake_B[part]), real_A[part]) + _l1(G_AB(fake_A[part]), real_B[part])
-    if weights.oml:
+    if weights.oml and matching is None:
         terms['Matching'] = _l1(fake_B, real_B) + _l1(fake_A, real_A)
+    elif weights.oml:
+        terms['Matching'] = (_masked_l1(fake_B, matching.target_B, matching.has_B)
+                             + _masked_l1(fake_A, matching.target_A, matching.has_A))
     return terms, fake_A, fake_B
 
 

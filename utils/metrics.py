@@ -108,3 +108,69 @@ def vendor_distance(values, target_values):
     if len(values) == 0 or len(target_values) == 0:
         return float('nan')
     return float(wasserstein_distance(values, target_values))
+
+
+class DistributionMetrics:
+    """Reference-free figures of one direction over a whole set of slices, for data without pairs:
+
+    - vendor distance: vendor_distance between the harmonized foreground and the real target-vendor foreground,
+      computed on 256-bin histograms of [0, 1] (lower is better);
+    - anatomy kept: normalized mutual information (H(input) + H(output)) / H(input, output) of input and output
+      foreground voxels, as skimage.metrics.normalized_mutual_information defines it on a 64-bin joint histogram:
+      2 when the output is any one-to-one remapping of the input's intensities, 1 when it is unrelated to it
+      (higher is better).
+    Histograms are kept, so processes under torchrun can add theirs together.
+    """
+
+    BINS, JOINT_BINS = 256, 64
+
+    def __init__(self):
+        self.output = np.zeros(self.BINS)
+        self.target = np.zeros(self.BINS)
+        self.joint = np.zeros((self.JOINT_BINS, self.JOINT_BINS))
+
+    def update(self, inputs, outputs):
+        """Add network inputs and their outputs, tensors (N, 1, H, W) in [-1, 1]; the input's zeros are background."""
+        inputs, outputs = to_unit_range(inputs).ravel(), to_unit_range(outputs).ravel()
+        foreground = inputs > 0
+        self.output += np.histogram(outputs[foreground], self.BINS, (0, 1))[0]
+        self.joint += np.histogram2d(inputs[foreground], outputs[foreground], self.JOINT_BINS, [(0, 1), (0, 1)])[0]
+
+    def update_target(self, targets):
+        """Add real target-vendor slices (N, 1, H, W) in [-1, 1]."""
+        values = to_unit_range(targets).ravel()
+        self.target += np.histogram(values[values > 0], self.BINS, (0, 1))[0]
+
+    def as_tensor(self):
+        return torch.from_numpy(np.concatenate([self.output, self.target, self.joint.ravel()]))
+
+    def add_tensor(self, sums):
+        sums = np.asarray(sums, dtype=np.float64)
+        self.output, self.target = sums[:self.BINS], sums[self.BINS:2 * self.BINS]
+        self.joint = sums[2 * self.BINS:].reshape(self.JOINT_BINS, self.JOINT_BINS)
+
+    @property
+    def vendor_distance(self):
+        if not (self.output.sum() and self.target.sum()):
+            return float('nan')
+        centres = (np.arange(self.BINS) + 0.5) / self.BINS
+        return vendor_distance_of_histograms(centres, self.output, self.target)
+
+    @property
+    def anatomy(self):
+        total = self.joint.sum()
+        if not total:
+            return float('nan')
+        p = self.joint / total
+
+        def entropy(q):
+            q = q[q > 0]
+            return float(-np.sum(q * np.log(q)))
+        joint_entropy = entropy(p.ravel())
+        return (entropy(p.sum(axis=1)) + entropy(p.sum(axis=0))) / joint_entropy if joint_entropy else 2.0
+
+
+def vendor_distance_of_histograms(centres, counts, target_counts):
+    """vendor_distance of two sets of values given as counts on the same bins."""
+    from scipy.stats import wasserstein_distance
+    return float(wasserstein_distance(centres, centres, counts, target_counts))

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from dataset.dataset import Paired_Dataset
+from dataset.dataset import Paired_Dataset, VendorDraws
 from model.discriminator import Discriminator
 from model.generator import Generator
 from utils import results
@@ -24,12 +24,17 @@ from utils.checkpoint import (atomic_save, discriminator_filename, generator_fil
                               vendor_tags)
 from utils.device import autocast, autocast_dtype, resolve_amp
 from utils.distributed import ProcessGroupInfo, ShardSampler, all_reduce_sum
+from utils.arguments import resolve_matching_weight
 from utils.errors import UserError
-from utils.losses import (TERMS, discriminator_loss, full_weights, gan_part, generator_losses, lazy_weights,
-                          scheduled_weights)
-from utils.metrics import SetMetrics
+from utils.losses import (DEFAULT_MATCHING_WEIGHT, TERMS, MatchingTargets, discriminator_loss, full_weights, gan_part, generator_losses,
+                          lazy_weights, scheduled_weights)
+from utils.metrics import DistributionMetrics, SetMetrics
 
 NETWORKS = ('G_AB', 'G_BA', 'D_A', 'D_B')
+# Without eval pairs, an epoch is "best" when it brings the harmonized intensity distribution closest to the target
+# vendor's while its anatomy figure stays within this fraction of the highest seen so far (an output that matches
+# the target's histogram by inventing texture loses mutual information with its input).
+ANATOMY_TOLERANCE = 0.02
 
 
 def lr_factor(epoch_progress, decay_epoch, total_epoch):
@@ -66,6 +71,20 @@ def set_rng_state(state, shuffle_generator):
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
+def figures(metric):
+    """The loss.csv figures of one direction: SSIM and PSNR with eval pairs, the reference-free ones without;
+    the others NaN (an empty cell), never a made-up number."""
+    if isinstance(metric, SetMetrics):
+        return {'SSIM': metric.ssim, 'PSNR': metric.psnr, 'VendorDistance': math.nan, 'Anatomy': math.nan}
+    return {'SSIM': math.nan, 'PSNR': math.nan, 'VendorDistance': metric.vendor_distance, 'Anatomy': metric.anatomy}
+
+
+def describe(metric):
+    if isinstance(metric, SetMetrics):
+        return f'SSIM {metric.ssim:.4f}  PSNR {metric.psnr:.2f} dB'
+    return f'vendor distance {metric.vendor_distance:.4f}  anatomy {metric.anatomy:.4f}'
+
+
 class CycleGANTrainer:
     def __init__(self, args, device, experiment_dir, process=None, build_data=True):
         """build_data=False: networks and optimizers only, for callers that feed step() themselves."""
@@ -83,9 +102,11 @@ class CycleGANTrainer:
         torch.manual_seed(args.random_seed)
         if build_data:
             self._build_data()
+        elif args.oml_weight is None:
+            args.oml_weight = DEFAULT_MATCHING_WEIGHT
         self._build_networks()
         self.start_epoch = 1
-        self.best = {}  # direction -> {'epoch': N, 'ssim': value}
+        self.best = {}  # direction -> {'epoch': N, 'ssim': value} (with eval pairs) or reference-free figures
         self.train_seconds = 0.0
         self.steps = 0  # optimizer steps taken by this process in this run
 
@@ -99,8 +120,12 @@ class CycleGANTrainer:
         if self.train_set.image_size != self.eval_set.image_size:
             raise UserError(f'{args.data_root}: trainset slices are {self.train_set.image_size} but evalset slices '
                             f'are {self.eval_set.image_size}; regenerate the dataset with one --image_size')
+        resolve_matching_weight(args, self.train_set.n_pairs, os.path.join(args.data_root, 'trainset'))
         self.shuffle_generator = torch.Generator().manual_seed(args.random_seed)
-        if process.distributed:
+        if not self.train_set.all_paired:  # each vendor's pool drawn on its own
+            pool_sizes = [len(pool) for pool in self.train_set.pool.values()]
+            self.train_sampler = VendorDraws(pool_sizes, args.random_seed, process.rank, process.world_size)
+        elif process.distributed:
             self.train_sampler = DistributedSampler(self.train_set, process.world_size, process.rank,
                                                     shuffle=True, seed=args.random_seed)
         else:
@@ -108,8 +133,12 @@ class CycleGANTrainer:
         loader = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=self.device.type == 'cuda', persistent_workers=args.num_workers > 0)
         self.train_loader = DataLoader(self.train_set, sampler=self.train_sampler, **loader)
-        self.eval_loader = DataLoader(self.eval_set, **loader,
-                                      sampler=ShardSampler(len(self.eval_set), process.rank, process.world_size))
+        if self.eval_set.all_paired:
+            eval_sampler = ShardSampler(len(self.eval_set), process.rank, process.world_size)
+        else:
+            eval_sampler = VendorDraws([len(pool) for pool in self.eval_set.pool.values()], rank=process.rank,
+                                       world_size=process.world_size, shuffle=False)
+        self.eval_loader = DataLoader(self.eval_set, **loader, sampler=eval_sampler)
 
     def _build_networks(self):
         args = self.args
@@ -191,13 +220,23 @@ class CycleGANTrainer:
     def _to_device(self, batch):
         return [x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for x in batch]
 
-    def step(self, real_A, real_B, weights):
+    def _unpack(self, batch):
+        """(real_A, real_B, MatchingTargets or None) on the device: a batch of pairs, or of independent draws
+        with the other vendor's scan of each slice where there is one (see Paired_Dataset)."""
+        if len(batch) == 2:
+            return (*self._to_device(batch), None)
+        real_A, real_B, target_B, has_B, target_A, has_A = batch
+        real_A, real_B, target_B, target_A = self._to_device((real_A, real_B, target_B, target_A))
+        return real_A, real_B, MatchingTargets(target_B, has_B.to(self.device), target_A, has_A.to(self.device))
+
+    def step(self, real_A, real_B, weights, matching=None):
         """One optimizer step of the generators, then of the discriminators on the same (detached) fakes."""
         nets, plain = self.train_nets, self.nets
         set_requires_grad([plain['D_A'], plain['D_B']], False)
         with autocast(self.device, self.amp):
             terms, fake_A, fake_B = generator_losses(real_A, real_B, nets['G_AB'], nets['G_BA'], plain['D_A'],
-                                                     plain['D_B'], weights, self.args.real_label, self.args.gan_slices)
+                                                     plain['D_B'], weights, self.args.real_label, self.args.gan_slices,
+                                                     matching)
             loss_G = weights.weighted_total(terms)
         self.optimizer_G.zero_grad(set_to_none=True)
         self.scaler.scale(loss_G).backward()
@@ -226,12 +265,12 @@ class CycleGANTrainer:
         """One pass over the training set (cut short when --max_minutes runs out); mean loss terms."""
         for net in self.nets.values():
             net.train()
-        if self.process.distributed:
+        if hasattr(self.train_sampler, 'set_epoch'):
             self.train_sampler.set_epoch(epoch)
         sums = torch.zeros(len(TERMS) + 3, device=self.device, dtype=torch.float64)
         bar = tqdm(self.train_loader, desc=f'{self.epoch_label(epoch)} train', unit='batch',
                    disable=not self.process.is_main, leave=False, dynamic_ncols=True)
-        for iteration, (real_A, real_B) in enumerate(bar):
+        for iteration, batch in enumerate(bar):
             started = time.perf_counter()
             self._sync_clock()
             if self.time_is_up():
@@ -239,8 +278,8 @@ class CycleGANTrainer:
             progress = self.epoch_progress(epoch, iteration)
             lr = self._set_learning_rate(progress)
             weights = lazy_weights(scheduled_weights(self.args, progress), iteration, self.args.gan_every)
-            real_A, real_B = self._to_device((real_A, real_B))
-            loss_G, terms, loss_D, fake_A, fake_B = self.step(real_A, real_B, weights)
+            real_A, real_B, matching = self._unpack(batch)
+            loss_G, terms, loss_D, fake_A, fake_B = self.step(real_A, real_B, weights, matching)
             batch = real_A.shape[0]
             sums[:-1] += torch.stack([loss_G + loss_D, *(terms[t] for t in TERMS), loss_D]).double() * batch
             sums[-1] += batch
@@ -282,19 +321,24 @@ class CycleGANTrainer:
     # ---- evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
     def eval_epoch(self, epoch):
-        """Loss terms at full weight over the whole eval set, and SSIM/PSNR in both directions."""
+        """Loss terms at full weight over the whole eval set; SSIM/PSNR in both directions over its pairs; without
+        pairs, the reference-free figures (DistributionMetrics) instead."""
         for net in self.nets.values():
             net.eval()
         weights = full_weights(self.args)
         sums = torch.zeros(len(TERMS) + 3, device=self.device, dtype=torch.float64)
-        metrics = {'A2B': SetMetrics(), 'B2A': SetMetrics()}
+        with_pairs = self.eval_set.n_pairs > 0
+        metrics = {'A2B': SetMetrics(), 'B2A': SetMetrics()} if with_pairs else \
+            {'A2B': DistributionMetrics(), 'B2A': DistributionMetrics()}
         nets = self.nets
-        for real_A, real_B in tqdm(self.eval_loader, desc=f'{self.epoch_label(epoch)} eval',
-                                   unit='batch', disable=not self.process.is_main, leave=False, dynamic_ncols=True):
-            real_A, real_B = self._to_device((real_A, real_B))
+        seen = {'A': set(), 'B': set()}  # the smaller pool repeats in the draws: count each slice once
+        for index, batch in enumerate(tqdm(self.eval_loader, desc=f'{self.epoch_label(epoch)} eval', unit='batch',
+                                           disable=not self.process.is_main, leave=False, dynamic_ncols=True)):
+            real_A, real_B, matching = self._unpack(batch)
             with autocast(self.device, self.amp):
                 terms, fake_A, fake_B = generator_losses(real_A, real_B, nets['G_AB'], nets['G_BA'], nets['D_A'],
-                                                         nets['D_B'], weights, self.args.real_label)
+                                                         nets['D_B'], weights, self.args.real_label,
+                                                         matching=matching)
                 if fake_A is None:
                     fake_B, fake_A = nets['G_AB'](real_A), nets['G_BA'](real_B)
                 loss_D = torch.zeros((), device=self.device)
@@ -305,8 +349,22 @@ class CycleGANTrainer:
             total = weights.weighted_total(terms) + loss_D
             sums[:-1] += torch.stack([total, *(terms[t] for t in TERMS), loss_D]).double() * batch
             sums[-1] += batch
-            metrics['A2B'].update(fake_B, real_B)
-            metrics['B2A'].update(fake_A, real_A)
+            if matching is None:
+                metrics['A2B'].update(fake_B, real_B)
+                metrics['B2A'].update(fake_A, real_A)
+            elif with_pairs:
+                metrics['A2B'].update(fake_B[matching.has_B], matching.target_B[matching.has_B])
+                metrics['B2A'].update(fake_A[matching.has_A], matching.target_A[matching.has_A])
+            else:
+                positions = self.eval_loader.sampler.batch_positions(index, self.args.batch_size)
+                new_A = [i for i, k in enumerate(positions[0]) if k not in seen['A']]
+                new_B = [i for i, k in enumerate(positions[1]) if k not in seen['B']]
+                seen['A'].update(positions[0])
+                seen['B'].update(positions[1])
+                metrics['A2B'].update(real_A[new_A], fake_B[new_A])
+                metrics['B2A'].update(real_B[new_B], fake_A[new_B])
+                metrics['A2B'].update_target(real_B[new_B])
+                metrics['B2A'].update_target(real_A[new_A])
         all_reduce_sum(sums)
         for direction, metric in metrics.items():
             metric.add_tensor(all_reduce_sum(metric.as_tensor().to(self.device)).cpu())
@@ -361,8 +419,8 @@ class CycleGANTrainer:
         row.update({f'Train {k}': v for k, v in train_losses.items()})
         row.update({f'Eval {k}': v for k, v in eval_losses.items()})
         for direction, metric in metrics.items():
-            row[f'Eval SSIM {direction}'] = metric.ssim
-            row[f'Eval PSNR {direction}'] = metric.psnr
+            for name, value in figures(metric).items():
+                row[f'Eval {name} {direction}'] = value
         table = results.append_epoch(self.loss_csv, row)
         results.plot_losses(table, os.path.join(self.experiment_dir, 'loss', 'loss.png'))
         a, b = self.vendor_A, self.vendor_B
@@ -375,9 +433,7 @@ class CycleGANTrainer:
                 atomic_save(plain_state_dict(self.nets[name]),
                             os.path.join(self.model_dir, discriminator_filename(self.tags, vendor, epoch)))
         for direction, (name, source, target) in generators.items():
-            value = metrics[direction].ssim
-            if math.isfinite(value) and value > self.best.get(direction, {}).get('ssim', -math.inf):
-                self.best[direction] = {'epoch': epoch, 'ssim': value, 'psnr': metrics[direction].psnr}
+            if self._is_best(direction, epoch, metrics[direction]):
                 atomic_save(plain_state_dict(self.nets[name]),
                             os.path.join(self.model_dir, generator_filename(self.tags, source, target, 'best')))
         with open(os.path.join(self.model_dir, 'best.json.tmp'), 'w') as f:
@@ -385,5 +441,26 @@ class CycleGANTrainer:
         os.replace(os.path.join(self.model_dir, 'best.json.tmp'), os.path.join(self.model_dir, 'best.json'))
         atomic_save(self.state(epoch), os.path.join(self.model_dir, 'last.pth'))
         tqdm.write(f'epoch {epoch}: train Total {train_losses["Total"]:.4f}  eval Total {eval_losses["Total"]:.4f}  '
-                   f'SSIM {a}→{b} {metrics["A2B"].ssim:.4f}  PSNR {metrics["A2B"].psnr:.2f} dB  '
-                   f'SSIM {b}→{a} {metrics["B2A"].ssim:.4f}  PSNR {metrics["B2A"].psnr:.2f} dB')
+                   + '  '.join(f'{label} {arrow}' for label, arrow in
+                               ((f'{a}→{b}', describe(metrics['A2B'])), (f'{b}→{a}', describe(metrics['B2A']))))
+                   + ('' if isinstance(metrics['A2B'], SetMetrics) else '  (no eval pairs: reference-free figures)'))
+
+    def _is_best(self, direction, epoch, metric):
+        """Record epoch as the direction's best if it is: the highest eval SSIM over the eval pairs; without pairs,
+        the lowest vendor distance among epochs whose anatomy figure is within ANATOMY_TOLERANCE of the highest
+        seen so far."""
+        best = self.best.get(direction, {})
+        if isinstance(metric, SetMetrics):
+            if not (math.isfinite(metric.ssim) and metric.ssim > best.get('ssim', -math.inf)):
+                return False
+            self.best[direction] = {'epoch': epoch, 'ssim': metric.ssim, 'psnr': metric.psnr}
+            return True
+        highest_anatomy = max(metric.anatomy, best.get('highest_anatomy', -math.inf))
+        best['highest_anatomy'] = highest_anatomy
+        self.best[direction] = best
+        kept = metric.anatomy >= (1 - ANATOMY_TOLERANCE) * highest_anatomy
+        if not (kept and math.isfinite(metric.vendor_distance)
+                and metric.vendor_distance < best.get('vendor_distance', math.inf)):
+            return False
+        best.update(epoch=epoch, vendor_distance=metric.vendor_distance, anatomy=metric.anatomy)
+        return True

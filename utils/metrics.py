@@ -116,7 +116,8 @@ class DistributionMetrics:
     - vendor distance: vendor_distance between the harmonized foreground and the real target-vendor foreground,
       computed on 256-bin histograms of [0, 1] (lower is better);
     - anatomy kept: normalized mutual information (H(input) + H(output)) / H(input, output) of input and output
-      foreground voxels, as skimage.metrics.normalized_mutual_information defines it on a 64-bin joint histogram:
+      foreground voxels, as skimage.metrics.normalized_mutual_information defines it, on a 64-bin joint histogram
+      of [0, 1]:
       2 when the output is any one-to-one remapping of the input's intensities, 1 when it is unrelated to it
       (higher is better).
     Histograms are kept, so processes under torchrun can add theirs together.

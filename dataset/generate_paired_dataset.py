@@ -59,8 +59,9 @@ def build_parser():
     parser.add_argument('--split_ratio', type=float, default=0.8,
                         help='fraction of the non-test subjects used for training; the rest evaluate')
     parser.add_argument('--test_ratio', type=float, default=0.0,
-                        help='fraction of subjects held out as untouched volumes in testset/ for inference; with '
-                             '--unpaired they are drawn first from the subjects in both folders, the only ones '
+                        help='fraction of subjects held out as untouched volumes in testset/ for inference; '
+                             'subjects in both folders and those in one only are held out each by this fraction; '
+                             'with --unpaired they are drawn first from the subjects in both folders, the only ones '
                              'that can be scored against a reference scan')
     parser.add_argument('--test_subjects', nargs='+', metavar='SUBJECT',
                         help='hold out exactly these subjects (file names without .nii/.nii.gz) in testset/; '
@@ -69,9 +70,10 @@ def build_parser():
                         help='pair nothing: a subject in both folders becomes two single-vendor subjects '
                              '<subject>_<vendor> (test subjects keep their names in testset/)')
     parser.add_argument('--voxel_size', type=float, nargs='+', metavar='MM',
-                        help='resample every volume (canonical orientation, trilinear, order '
+                        help='resample every volume (canonical orientation, trilinear: order '
                              f'{RESAMPLE_ORDER}) to this spacing in mm, one value (isotropic) or three; needed when '
-                             'voxel sizes differ between volumes')
+                             'voxel sizes differ between volumes. inference_nii.py then resamples its inputs the '
+                             'same way and its outputs back onto each input\'s grid')
     parser.add_argument('--image_size', type=int, nargs=2, metavar=('H', 'W'),
                         help='centre-pad or crop every slice to H x W (needed when subjects differ in size)')
     parser.add_argument('--resample', action='store_true',
@@ -242,7 +244,7 @@ def split_group(subjects, split_ratio, n_test, seed):
     return {'trainset': order[:n_train], 'evalset': order[n_train:rest], 'testset': order[rest:]}
 
 
-def test_counts(groups, test_ratio, unpaired):
+def held_out_counts(groups, test_ratio, unpaired):
     """How many subjects of each group --test_ratio holds out. At least one in all: from the subjects in both
     folders where there are any. With --unpaired the subjects in both folders are drawn first (only they can be
     scored against a reference), the rest alternately from the two single-vendor groups."""
@@ -275,7 +277,7 @@ def split_subjects(usable, vendors, args):
         counts = [0, 0, 0]
     else:
         held_out = set()
-        counts = test_counts(groups, args.test_ratio, args.unpaired)
+        counts = held_out_counts(groups, args.test_ratio, args.unpaired)
     if not groups[1] and not groups[2] and not args.unpaired and not held_out:
         rest = len(groups[0]) - counts[0]
         if rest < 2:
@@ -300,11 +302,12 @@ def check_split(splits, usable, vendors, args):
     for vendor in vendors:
         have = {split: [s for s in names if vendor in usable[s]] for split, names in splits.items()}
         if not have['trainset']:
-            raise UserError(f'every {vendor} subject ({", ".join(have["testset"])}) is in the test set ({flag}); '
-                            f'keep at least two {vendor} subjects out of it, for training and evaluation')
+            raise UserError(f'every {vendor} subject ({", ".join(have["testset"])}) is in the test set ({flag}); two '
+                            f'must stay out of it (one trains, one evaluates): hold out fewer or add {vendor} scans')
         if not have['evalset']:
             raise UserError(f'no {vendor} subject is left for evaluation: its only non-test subject '
-                            f'{have["trainset"][0]} trains; add {vendor} scans or hold out fewer subjects ({flag})')
+                            f'{have["trainset"][0]} trains; add {vendor} scans'
+                            + (f' or hold out fewer ({flag})' if have['testset'] else ''))
 
 
 def write_slices(folder, volumes, image_size):

@@ -501,6 +501,17 @@ def test_inference_resamples_to_the_experiment_spacing_and_back(two_spacings, re
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 * info['intensity_scale'][VENDORS[1]])
 
 
+def test_inference_refuses_a_voxel_size_that_is_not_three_spacings(tmp_path):
+    import inference_nii
+    from utils.errors import UserError
+    for spacing, expected in ((None, None), ([2, 2.5, 3], (2.0, 2.5, 3.0))):
+        (tmp_path / 'dataset_info.json').write_text(json.dumps({'voxel_size': spacing}))
+        assert inference_nii.training_spacing(str(tmp_path)) == expected
+    (tmp_path / 'dataset_info.json').write_text(json.dumps({'voxel_size': [0, 1]}))
+    with pytest.raises(UserError, match='dataset_info.json: voxel_size'):
+        inference_nii.training_spacing(str(tmp_path))
+
+
 # ---- 2-D inputs -----------------------------------------------------------------------------------
 
 def write_png(path, image, dtype):

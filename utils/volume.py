@@ -132,12 +132,15 @@ def resample_onto(image, grid):
 
 
 def check_same_spacing(spacings):
-    """`spacings`: (path, voxel size) pairs; raise UserError naming two files whose voxel sizes differ."""
-    reference_path, reference = spacings[0]
-    for path, spacing in spacings[1:]:
-        if not np.allclose(spacing, reference, rtol=SPACING_TOLERANCE, atol=0):
-            raise UserError(f'{reference_path} has {"x".join(f"{v:g}" for v in reference)} mm voxels but {path} has '
-                            f'{"x".join(f"{v:g}" for v in spacing)} mm; pass --voxel_size MM to resample every '
+    """`spacings`: (path, voxel size) pairs; raise UserError naming a file whose voxel size differs from the
+    most common one, and a file of that one."""
+    def close(a, b):
+        return np.allclose(a, b, rtol=SPACING_TOLERANCE, atol=0)
+    reference_path, reference = max(spacings, key=lambda item: sum(close(item[1], other) for _, other in spacings))
+    for path, spacing in spacings:
+        if not close(spacing, reference):
+            raise UserError(f'{path} has {"x".join(f"{v:g}" for v in spacing)} mm voxels but {reference_path} has '
+                            f'{"x".join(f"{v:g}" for v in reference)} mm; pass --voxel_size MM to resample every '
                             'volume to one spacing')
 
 

@@ -1,5 +1,6 @@
-"""Data preparation: dataset/generate_paired_dataset.py on vendor folders built here (not by make_demo_data),
-the shared intensity normalisation, its errors, and dataset/make_demo_data.py.
+"""Data preparation: dataset/generate_paired_dataset.py on vendor folders built here (not by make_demo_data):
+pairs, single-vendor subjects, --unpaired, --test_subjects, --voxel_size (and inference's resampling to that
+spacing and back), the shared intensity normalisation, its errors, and dataset/make_demo_data.py.
 
 Expected values are computed with nibabel and numpy directly (as_closest_canonical, np.percentile), never
 with the project's own volume helpers.
@@ -393,6 +394,14 @@ def test_unpaired_writes_each_scan_as_its_own_subject(tmp_path):
         np.testing.assert_allclose(got[:, :, 0], expected[:, :, k], atol=2e-5)
     assert info['paired_subjects'] == [] and info['unpaired'] is True
     assert info['vendor_slices']['trainset']['pairs'] == 0 and info['vendor_slices']['evalset']['pairs'] == 0
+
+
+def test_one_subject_of_each_kind_still_gives_each_vendor_an_evaluation_subject(tmp_path):
+    """Split on its own, each group of one subject would train; the single-vendor ones evaluate instead, so
+    the pair keeps training both directions."""
+    dirs = write_scans(tmp_path / 'scans', (['pair', 's_only'], ['pair', 'p_only']))
+    info = generate_in_process(*dirs, tmp_path / 'out')
+    assert info['subjects'] == {'trainset': ['pair'], 'evalset': ['p_only', 's_only'], 'testset': []}
 
 
 def test_test_subjects_are_held_out_exactly(tmp_path):

@@ -10,17 +10,20 @@ Either edit the constants below and run `python inference_nii.py`, or pass the s
 
 From Python: `from inference_nii import main; main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips')`.
 
-Each volume is brought to canonical orientation, normalised as in dataset generation, harmonized
-slice by slice in batches, put into the target vendor's intensity scale (recorded in the experiment's
-dataset_info.json), returned to the input's own orientation and written as float32
-`{stem}_harmonized.nii.gz` with the input's affine.
+Each volume is brought to canonical orientation, resampled to the experiment's voxel spacing when the
+dataset was made with --voxel_size, normalised as in dataset generation, harmonized slice by slice in
+batches, resampled back onto the input's own grid, put into the target vendor's intensity scale (both
+recorded in the experiment's dataset_info.json), returned to the input's own orientation and written as
+float32 `{stem}_harmonized.nii.gz` with the input's shape and affine.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -36,7 +39,7 @@ from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
 from utils.metrics import fine_detail, volume_metrics
 from utils.volume import (axial_slices, denormalise, from_canonical, list_nifti, load_volume, nifti_stem,
-                          normalise, save_like, stack_axial, to_canonical)
+                          normalise, resample_onto, resample_to_spacing, save_like, stack_axial, to_canonical)
 
 # ---- edit these (or pass the flags of the same meaning) -------------------------------------------
 target_experiment = 'MyExperiment'            # a folder under save_root written by train.py
@@ -100,6 +103,23 @@ def target_scale(experiment_dir, trg_vendor):
         return None
 
 
+def training_spacing(experiment_dir):
+    """The voxel size (three mm values) the experiment's dataset was resampled to, or None (no resampling)."""
+    path = os.path.join(experiment_dir, 'dataset_info.json')
+    try:
+        with open(path) as f:
+            spacing = json.load(f).get('voxel_size')
+    except (OSError, ValueError, AttributeError):
+        return None
+    if spacing is None:
+        return None
+    if not (isinstance(spacing, list) and len(spacing) == 3 and
+            all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)):
+        raise UserError(f'{path}: voxel_size {spacing!r} is not three positive spacings in mm; copy the '
+                        'dataset_info.json that generate_paired_dataset.py wrote into the experiment again')
+    return tuple(float(v) for v in spacing)
+
+
 @torch.inference_mode()
 def harmonize_slices(generator, slices, batch_size, device, amp=False, progress=False):
     """(Z, H, W) slices in [0, 1] -> harmonized (Z, H, W) in [0, 1], batch by batch."""
@@ -113,22 +133,31 @@ def harmonize_slices(generator, slices, batch_size, device, amp=False, progress=
     return output
 
 
-def harmonize_volume(generator, path, scale, batch_size, device, amp=False):
+def harmonize_volume(generator, path, scale, batch_size, device, amp=False, voxel_size=None):
     """Harmonize one NIfTI: returns (original image, output data in the input's orientation,
-    canonical normalised input, canonical harmonized output in [0, 1])."""
+    canonical normalised input, canonical harmonized output in [0, 1]), all on the input's own grid.
+
+    With voxel_size (the experiment's spacing) the generator sees the volume resampled to that spacing, as
+    in training, and its output is resampled back onto the input's grid."""
     image = load_volume(path)
     canonical = to_canonical(image)
-    if min(canonical.shape[:2]) < 8:
-        raise UserError(f'{path}: axial slices of {canonical.shape[0]}x{canonical.shape[1]} voxels are too small '
+    resampled = resample_to_spacing(canonical, voxel_size) if voxel_size is not None else canonical
+    if min(resampled.shape[:2]) < 8:
+        raise UserError(f'{path}: axial slices of {resampled.shape[0]}x{resampled.shape[1]} voxels are too small '
                         'to harmonize (at least 8x8)')
     data = np.asarray(canonical.dataobj, dtype=np.float32)
+    resampled_data = np.asarray(resampled.dataobj, dtype=np.float32)
     try:
         normalised, _ = normalise(data)
+        model_input = normalise(resampled_data)[0] if voxel_size is not None else normalised
     except ValueError:
         raise UserError(f'{path}: no positive voxels (an empty volume); nothing to harmonize') from None
-    slices = axial_slices(normalised)
+    slices = axial_slices(model_input)
     fake = stack_axial(harmonize_slices(generator, slices, batch_size, device, amp, progress=len(slices) > 4 * batch_size))
-    fake[data <= 0] = 0  # the background stays background
+    fake[resampled_data <= 0] = 0  # the background stays background
+    if voxel_size is not None:
+        fake = np.clip(resample_onto(nib.Nifti1Image(fake, resampled.affine), canonical), 0, 1)
+        fake[data <= 0] = 0
     output = denormalise(fake, scale) if scale is not None else fake
     return image, from_canonical(output, image), normalised, fake
 
@@ -220,11 +249,15 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
         raise UserError(f'--reference_dir {reference_dir}: no such folder')
     generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     scale = target_scale(experiment_dir, trg_vendor)
+    voxel_size = training_spacing(experiment_dir)
     check_writable_folder(save_dir, '--output_dir')
     os.makedirs(save_dir, exist_ok=True)
     print(f'{experiment} {src_vendor}->{trg_vendor}, epoch {epoch_used}, on {torch_device} in '
           f'{amp_description(amp, torch_device)}: '
           f'{len(inputs)} volume(s) from {data_dir}')
+    if voxel_size is not None:
+        print(f'each volume is resampled to the training spacing {"x".join(f"{v:g}" for v in voxel_size)} mm, and '
+              'its output back onto the input\'s grid')
 
     written, skipped, failed, rows = [], [], [], []
     for path in tqdm(inputs, desc='volumes', unit='volume'):
@@ -237,7 +270,7 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
                 image, output, source, harmonized = harmonize_volume(generator, path, scale, batch_size,
-                                                                     torch_device, amp)
+                                                                     torch_device, amp, voxel_size)
             for warning in caught:
                 tqdm.write(f'warning: {warning.message}')
             save_like(output, image, output_path)

@@ -1,17 +1,26 @@
-"""Turn two folders of scans of the same subjects (one per vendor) into the paired slice pickles train.py reads.
+"""Turn two folders of scans (one per vendor) into the slice pickles train.py reads: pairs and single-vendor slices.
 
     python dataset/generate_paired_dataset.py --vendor1_dir SIEMENS/ --vendor2_dir Philips/ \
         --output_dir dataset/Harmonization_dataset --split_ratio 0.8 --test_ratio 0.1
 
-Inputs are 3-D NIfTI volumes paired by file name (`subj_001.nii.gz` in both folders), or 2-D slices
-(.png, .tif, .npy) in one sub-folder per subject, paired by sub-folder and file name. Each pair is brought
-to canonical orientation, checked to share one grid, normalised (utils.volume.normalise), and cut into
-axial slices:
+Inputs are 3-D NIfTI volumes named by subject (`subj_001.nii.gz`), or 2-D slices (.png, .tif, .npy) in one
+sub-folder per subject. A subject in both folders (a traveling subject) is a pair: its two scans must share
+one grid after reorientation (or --resample) and their slices are matched voxel for voxel (2-D slices by
+file name). A subject in one folder only is a single-vendor subject: its slices feed the unpaired terms.
+With --unpaired nothing is paired, even where names match. Each volume is brought to canonical orientation
+(and with --voxel_size resampled to that spacing), normalised (utils.volume.normalise) and cut into axial
+slices:
 
-    OUTPUT/trainset/<subject>/slice_NNN.pkl   {vendor1: float32 (H, W, 1) in [0, 1], vendor2: ...}
-    OUTPUT/evalset/<subject>/slice_NNN.pkl
-    OUTPUT/testset/<vendor>/<subject>.nii.gz  (held-out originals, untouched, with --test_ratio)
-    OUTPUT/dataset_info.json                  (vendors, splits, slice size, normalisation statistics)
+    OUTPUT/trainset/<subject>/slice_NNN.pkl   a pair: {vendor1: float32 (H, W, 1) in [0, 1], vendor2: ...}
+                                              a single-vendor subject: {vendor: float32 (H, W, 1) in [0, 1]}
+    OUTPUT/trainset/<subject>_<vendor>/...    with --unpaired, each scan of a subject in both folders (one key)
+    OUTPUT/evalset/...                        the same for the evaluation subjects
+    OUTPUT/testset/<vendor>/<subject>.nii.gz  held-out originals, untouched (--test_ratio or --test_subjects)
+    OUTPUT/dataset_info.json                  vendors, splits, pairs, slice counts, spacing, normalisation
+
+The split is by subject and reproducible with --seed; the subjects in both folders, those only in vendor 1's
+and those only in vendor 2's are each split by the ratios, so every split gets subjects of each kind where
+there are enough.
 """
 import argparse
 import json
@@ -23,17 +32,16 @@ import shutil
 import sys
 import warnings
 
-import nibabel as nib
 import numpy as np
-from nibabel.processing import resample_from_to
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.arguments import CliParser  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import check_writable_folder  # noqa: E402
-from utils.volume import (NIFTI_SUFFIXES, ROBUST_PERCENTILE, axial_slices, list_nifti, load_volume,  # noqa: E402
-                          nifti_stem, normalise, pad_or_crop, robust_max, to_canonical)
+from utils.volume import (NIFTI_SUFFIXES, RESAMPLE_ORDER, ROBUST_PERCENTILE, axial_slices,  # noqa: E402
+                          check_same_spacing, list_nifti, load_volume, nifti_stem, normalise, pad_or_crop,
+                          resample_onto, resample_to_spacing, robust_max, to_canonical, voxel_spacing)
 
 SLICE_SUFFIXES = ('.png', '.tif', '.tiff', '.npy')
 SPLITS = ('trainset', 'evalset', 'testset')
@@ -43,18 +51,34 @@ def build_parser():
     parser = CliParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--vendor1_dir', required=True, help='scans of vendor 1 (e.g. SIEMENS)')
-    parser.add_argument('--vendor2_dir', required=True, help='scans of vendor 2 (e.g. Philips), same subjects')
+    parser.add_argument('--vendor2_dir', required=True,
+                        help='scans of vendor 2 (e.g. Philips); a subject (file name) in both folders is a pair')
     parser.add_argument('--output_dir', required=True, help='where trainset/, evalset/, testset/ are written')
     parser.add_argument('--vendor1', default='SIEMENS', help='name of vendor 1 (the key in the pickles)')
     parser.add_argument('--vendor2', default='Philips', help='name of vendor 2')
     parser.add_argument('--split_ratio', type=float, default=0.8,
                         help='fraction of the non-test subjects used for training; the rest evaluate')
     parser.add_argument('--test_ratio', type=float, default=0.0,
-                        help='fraction of subjects held out as untouched volumes in testset/ for inference')
+                        help='fraction of subjects held out as untouched volumes in testset/ for inference; '
+                             'subjects in both folders and those in one only are held out each by this fraction; '
+                             'with --unpaired they are drawn first from the subjects in both folders, the only ones '
+                             'that can be scored against a reference scan')
+    parser.add_argument('--test_subjects', nargs='+', metavar='SUBJECT',
+                        help='hold out exactly these subjects (file names without .nii/.nii.gz) in testset/; '
+                             'replaces --test_ratio')
+    parser.add_argument('--unpaired', action='store_true',
+                        help='pair nothing: a subject in both folders becomes two single-vendor subjects '
+                             '<subject>_<vendor> (test subjects keep their names in testset/)')
+    parser.add_argument('--voxel_size', type=float, nargs='+', metavar='MM',
+                        help='resample every volume (canonical orientation, trilinear: order '
+                             f'{RESAMPLE_ORDER}) to this spacing in mm, one value (isotropic) or three; needed when '
+                             'voxel sizes differ between volumes. inference_nii.py then resamples its inputs the '
+                             'same way and its outputs back onto each input\'s grid')
     parser.add_argument('--image_size', type=int, nargs=2, metavar=('H', 'W'),
                         help='centre-pad or crop every slice to H x W (needed when subjects differ in size)')
     parser.add_argument('--resample', action='store_true',
-                        help='resample vendor 2 onto vendor 1\'s grid when a pair\'s grids differ (else an error)')
+                        help='resample vendor 2 onto vendor 1\'s grid when a pair\'s grids differ (else the pair '
+                             'is skipped)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the subject split')
     parser.add_argument('--overwrite', action='store_true', help='replace a dataset already in --output_dir')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
@@ -127,8 +151,9 @@ def same_grid(a, b):
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3 * max(voxel, 1.0))
 
 
-def load_pair(subject, path1, path2, kind, resample, vendors):
-    """Both vendors' data of one subject on one grid in canonical orientation, (X, Y, Z) float32 arrays."""
+def load_pair(subject, path1, path2, kind, resample, vendors, voxel_size=None):
+    """Both vendors' data of one subject on one grid in canonical orientation, (X, Y, Z) float32 arrays, and
+    that grid (an image; None for 2-D slices)."""
     if kind == 'slices':
         stems1, stems2 = set(slice_names(path1)), set(slice_names(path2))
         unmatched = sorted(stems1 ^ stems2, key=natural_key)
@@ -143,15 +168,39 @@ def load_pair(subject, path1, path2, kind, resample, vendors):
                             f'{data2.shape} differ; the pair must match slice for slice')
         return data1, data2, None
     image1, image2 = to_canonical(load_volume(path1)), to_canonical(load_volume(path2))
-    if not same_grid(image1, image2):
-        if not resample:
-            raise UserError(f'subject {subject}: {path1} {image1.shape} and {path2} {image2.shape} are on different '
-                            'grids (shape or affine); register them, or pass --resample to resample vendor 2 onto '
-                            'vendor 1\'s grid')
-        image2 = resample_from_to(image2, image1, order=1)
-    data1 = np.asarray(image1.dataobj, dtype=np.float32)
-    data2 = np.clip(np.asarray(image2.dataobj, dtype=np.float32), 0, None)
-    return data1, data2, image1
+    on_one_grid = same_grid(image1, image2)
+    if not on_one_grid and not resample:
+        raise UserError(f'subject {subject}: {path1} {image1.shape} and {path2} {image2.shape} are on different '
+                        'grids (shape or affine); register them, or pass --resample to resample vendor 2 onto '
+                        'vendor 1\'s grid')
+    grid = resample_to_spacing(image1, voxel_size) if voxel_size else image1
+    data1 = np.asarray(grid.dataobj, dtype=np.float32)
+    data2 = (np.asarray(image2.dataobj, dtype=np.float32) if on_one_grid and not voxel_size
+             else resample_onto(image2, grid))
+    return data1, np.clip(data2, 0, None), grid
+
+
+def load_single(path, kind, voxel_size=None):
+    """One vendor's data of one subject in canonical orientation, an (X, Y, Z) float32 array, and its grid (an
+    image; None for 2-D slices)."""
+    if kind == 'slices':
+        data, _ = load_slice_folder(path, slice_names(path))
+        return data, None
+    image = to_canonical(load_volume(path))
+    if voxel_size:
+        image = resample_to_spacing(image, voxel_size)
+    return np.asarray(image.dataobj, dtype=np.float32), image
+
+
+def load_unit(unit, kind, args, vendors):
+    """{vendor: canonical (X, Y, Z) float32 data} of one folder to write, and its grid (None for 2-D slices)."""
+    if len(unit.sources) == 2:
+        data1, data2, grid = load_pair(unit.subject, unit.sources[vendors[0]], unit.sources[vendors[1]], kind,
+                                       args.resample, vendors, args.voxel_size)
+        return {vendors[0]: data1, vendors[1]: data2}, grid
+    (vendor, path), = unit.sources.items()
+    data, grid = load_single(path, kind, args.voxel_size)
+    return {vendor: data}, grid
 
 
 def check_subject(subject, data, vendor, path):
@@ -159,34 +208,121 @@ def check_subject(subject, data, vendor, path):
         raise UserError(f'subject {subject}: {path} ({vendor}) has no positive voxels (all zero?); remove it')
 
 
-def split_subjects(subjects, split_ratio, test_ratio, seed):
-    """Shuffle subjects reproducibly and cut them into train / eval / test lists (by subject)."""
+class Unit:
+    """One subject folder to write: `folder` under trainset/ or evalset/, the person `subject` it comes from, and
+    its scans {vendor: path} (two: a pair)."""
+
+    def __init__(self, subject, folder, sources):
+        self.subject, self.folder, self.sources = subject, folder, sources
+
+
+def plan_units(subjects1, subjects2, vendors, unpaired, folders):
+    """The folders to write: a pair per subject in both vendor folders (two single-vendor folders
+    <subject>_<vendor> with --unpaired), a single-vendor folder per subject in one only."""
+    units = []
+    for subject in sorted(set(subjects1) | set(subjects2), key=natural_key):
+        sources = {vendor: table[subject] for vendor, table in zip(vendors, (subjects1, subjects2)) if subject in table}
+        if len(sources) == 1 or not unpaired:
+            units.append(Unit(subject, subject, sources))
+            continue
+        for vendor, path in sources.items():
+            folder = f'{subject}_{vendor}'
+            if folder in subjects1 or folder in subjects2:
+                where = folders[0] if folder in subjects1 else folders[1]
+                raise UserError(f'--unpaired: {subject} of both folders would be written as {folder}, the name of '
+                                f'another subject in {where}; rename one of them')
+            units.append(Unit(subject, folder, {vendor: path}))
+    return units
+
+
+def split_group(subjects, split_ratio, n_test, seed):
+    """Shuffle subjects reproducibly and cut them into train / eval / test lists; the last n_test are the test."""
     order = sorted(subjects)
     random.Random(seed).shuffle(order)
-    n_test = round(len(order) * test_ratio)
-    if test_ratio > 0:
-        n_test = max(1, n_test)
     rest = len(order) - n_test
-    n_train = min(max(1, round(rest * split_ratio)), rest - 1)
-    if rest < 2:
-        raise UserError(f'{len(order)} paired subjects leave {rest} for training and evaluation; at least 2 are '
-                        'needed (one each): add subjects or lower --test_ratio')
-    return {'trainset': sorted(order[:n_train], key=natural_key),
-            'evalset': sorted(order[n_train:rest], key=natural_key),
-            'testset': sorted(order[rest:], key=natural_key)}
+    n_train = min(max(1, round(rest * split_ratio)), rest - 1) if rest >= 2 else rest
+    return {'trainset': order[:n_train], 'evalset': order[n_train:rest], 'testset': order[rest:]}
 
 
-def write_slices(folder, data1, data2, vendors, image_size):
-    """One pickle per axial slice; returns the slice size written."""
+def held_out_counts(groups, test_ratio, unpaired):
+    """How many subjects of each group --test_ratio holds out. At least one in all: from the subjects in both
+    folders where there are any. With --unpaired the subjects in both folders are drawn first (only they can be
+    scored against a reference), the rest alternately from the two single-vendor groups."""
+    sizes = [len(group) for group in groups]
+    if test_ratio == 0:
+        return [0, 0, 0]
+    if not unpaired:
+        counts = [round(size * test_ratio) for size in sizes]
+        if not any(counts):
+            counts[next(i for i, size in enumerate(sizes) if size)] = 1
+        return counts
+    wanted = max(1, round(sum(sizes) * test_ratio))
+    counts = [min(wanted, sizes[0]), 0, 0]
+    while sum(counts) < wanted:
+        for i in (1, 2):
+            if sum(counts) < wanted and counts[i] < sizes[i]:
+                counts[i] += 1
+    return counts
+
+
+def split_subjects(usable, vendors, args):
+    """{split: [subjects]} by subject: each group (in both vendor folders, only vendor 1's, only vendor 2's)
+    split by the ratios on its own, or --test_subjects held out and the rest split by --split_ratio."""
+    groups = [[s for s, have in usable.items() if len(have) == 2],
+              [s for s, have in usable.items() if have == {vendors[0]}],
+              [s for s, have in usable.items() if have == {vendors[1]}]]
+    if args.test_subjects:
+        held_out = set(args.test_subjects)
+        groups = [[s for s in group if s not in held_out] for group in groups]
+        counts = [0, 0, 0]
+    else:
+        held_out = set()
+        counts = held_out_counts(groups, args.test_ratio, args.unpaired)
+    if not groups[1] and not groups[2] and not args.unpaired and not held_out:
+        rest = len(groups[0]) - counts[0]
+        if rest < 2:
+            raise UserError(f'{len(groups[0])} paired subjects leave {rest} for training and evaluation; at least 2 '
+                            'are needed (one each): add subjects or lower --test_ratio')
+    splits = {'trainset': [], 'evalset': [], 'testset': sorted(held_out)}
+    for group, n_test in zip(groups, counts):
+        for split, names in split_group(group, args.split_ratio, n_test, args.seed).items():
+            splits[split] += names
+    for vendor in vendors:  # groups of one subject all train: move one to evaluation where a vendor has none
+        train = [s for s in splits['trainset'] if vendor in usable[s]]
+        if len(train) >= 2 and not any(vendor in usable[s] for s in splits['evalset']):
+            moved = ([s for s in train if usable[s] == {vendor}] or train)[-1]
+            splits['trainset'].remove(moved)
+            splits['evalset'].append(moved)
+    return {split: sorted(names, key=natural_key) for split, names in splits.items()}
+
+
+def check_split(splits, usable, vendors, args):
+    """Every vendor needs a training and an evaluation subject outside the test set."""
+    flag = '--test_subjects' if args.test_subjects else '--test_ratio'
+    for vendor in vendors:
+        have = {split: [s for s in names if vendor in usable[s]] for split, names in splits.items()}
+        if not have['trainset']:
+            raise UserError(f'every {vendor} subject ({", ".join(have["testset"])}) is in the test set ({flag}); two '
+                            f'must stay out of it (one trains, one evaluates): hold out fewer or add {vendor} scans')
+        if not have['evalset']:
+            raise UserError(f'no {vendor} subject is left for evaluation: its only non-test subject '
+                            f'{have["trainset"][0]} trains; add {vendor} scans'
+                            + (f' or hold out fewer ({flag})' if have['testset'] else ''))
+
+
+def write_slices(folder, volumes, image_size):
+    """One pickle {vendor: (H, W, 1) float32} per axial slice of the volumes {vendor: (X, Y, Z)}; returns the
+    slice size written."""
     os.makedirs(folder)
-    for index, (s1, s2) in enumerate(zip(axial_slices(data1), axial_slices(data2))):
-        if image_size is not None:
-            s1, s2 = pad_or_crop(s1, image_size), pad_or_crop(s2, image_size)
+    stacks = {vendor: axial_slices(data) for vendor, data in volumes.items()}
+    for index in range(len(next(iter(stacks.values())))):
+        sample = {}
+        for vendor, stack in stacks.items():
+            image = stack[index] if image_size is None else pad_or_crop(stack[index], image_size)
+            sample[vendor] = np.ascontiguousarray(image[..., None], dtype=np.float32)
         with open(os.path.join(folder, f'slice_{index:03d}.pkl'), 'wb') as f:
-            pickle.dump({vendors[0]: np.ascontiguousarray(s1[..., None], dtype=np.float32),
-                         vendors[1]: np.ascontiguousarray(s2[..., None], dtype=np.float32)}, f,
-                        protocol=pickle.HIGHEST_PROTOCOL)
-    return tuple(int(v) for v in s1.shape)
+            pickle.dump(sample, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return tuple(int(v) for v in image.shape)
 
 
 def check_arguments(args):
@@ -198,6 +334,15 @@ def check_arguments(args):
         raise UserError('--image_size H W must both be at least 8')
     if args.vendor1 == args.vendor2:
         raise UserError('--vendor1 and --vendor2 must differ')
+    if args.voxel_size is not None:
+        if len(args.voxel_size) not in (1, 3) or not all(np.isfinite(v) and v > 0 for v in args.voxel_size):
+            raise UserError(f'--voxel_size {" ".join(map(str, args.voxel_size))}: give one positive spacing in mm '
+                            '(isotropic) or three')
+        args.voxel_size = tuple(args.voxel_size) * (3 if len(args.voxel_size) == 1 else 1)
+    if args.test_subjects:
+        args.test_subjects = sorted(set(args.test_subjects), key=natural_key)
+        if args.test_ratio > 0:
+            print(f'note: --test_subjects given, so --test_ratio {args.test_ratio} is not used', file=sys.stderr)
     output = os.path.realpath(args.output_dir)
     for flag, folder in (('--vendor1_dir', args.vendor1_dir), ('--vendor2_dir', args.vendor2_dir)):
         if output == os.path.realpath(folder) or output.startswith(os.path.realpath(folder) + os.sep):
@@ -213,67 +358,102 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_arguments(args)
     vendors = (args.vendor1, args.vendor2)
+    folders = (args.vendor1_dir, args.vendor2_dir)
     subjects1, kind1 = find_subjects(args.vendor1_dir)
     subjects2, kind2 = find_subjects(args.vendor2_dir)
     if kind1 != kind2:
         raise UserError(f'{args.vendor1_dir} holds {kind1} but {args.vendor2_dir} holds {kind2}; use one kind of input')
-    paired = sorted(set(subjects1) & set(subjects2), key=natural_key)
-    unpaired = sorted(set(subjects1) ^ set(subjects2), key=natural_key)
-    for name in unpaired:
-        side = args.vendor1_dir if name in subjects1 else args.vendor2_dir
-        print(f'skipped {name}: only in {side}, no partner in the other vendor folder', file=sys.stderr)
-    if not paired:
-        raise UserError(f'no subject is in both {args.vendor1_dir} and {args.vendor2_dir} (pairs are matched by '
-                        'file name, e.g. subj_001.nii.gz in both); rename the files so the pairs match')
+    if kind1 == 'slices' and args.voxel_size:
+        raise UserError('--voxel_size resamples NIfTI volumes; 2-D slices carry no voxel size: leave it out')
+    for name in args.test_subjects or ():
+        if name not in subjects1 and name not in subjects2:
+            raise UserError(f'--test_subjects {name}: no such subject in {args.vendor1_dir} or {args.vendor2_dir} '
+                            '(give file names without .nii/.nii.gz)')
+    for vendor, folder, own, other in zip(vendors, folders, (subjects1, subjects2), (subjects2, subjects1)):
+        alone = sorted(set(own) - set(other), key=natural_key)
+        if alone:
+            print(f'{len(alone)} subject(s) only in {folder}, used as single-vendor {vendor} subjects: '
+                  f'{", ".join(alone[:10])}{" ..." if len(alone) > 10 else ""}')
+    units = plan_units(subjects1, subjects2, vendors, args.unpaired, folders)
 
-    # Pass 1: read every pair once to check it and collect the normalisation statistics, before writing anything.
-    scales, problems, slice_sizes = {}, [], set()
-    for subject in tqdm(paired, desc='checking pairs', unit='subject'):
+    # Pass 1: read every scan once to check it and collect the normalisation statistics, before writing anything.
+    scales, problems, slice_sizes, spacings = {}, [], set(), []
+    for unit in tqdm(units, desc='checking scans', unit='subject'):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
-                data1, data2, _ = load_pair(subject, subjects1[subject], subjects2[subject], kind1,
-                                            args.resample, vendors)
+                volumes, grid = load_unit(unit, kind1, args, vendors)
             for warning in caught:
                 tqdm.write(f'warning: {warning.message}', file=sys.stderr)
-            check_subject(subject, data1, vendors[0], subjects1[subject])
-            check_subject(subject, data2, vendors[1], subjects2[subject])
+            for vendor, data in volumes.items():
+                check_subject(unit.subject, data, vendor, unit.sources[vendor])
         except UserError as error:
             problems.append(str(error))
             tqdm.write(f'skipped: {error}', file=sys.stderr)
             continue
-        scales[subject] = (robust_max(data1), robust_max(data2))
-        slice_sizes.add(tuple(data1.shape[:2]) if args.image_size is None else tuple(args.image_size))
-    if not scales:
-        raise UserError(f'none of the {len(paired)} pairs could be used: {"; ".join(problems)}')
+        scales[unit.folder] = {vendor: robust_max(data) for vendor, data in volumes.items()}
+        slice_sizes.add(tuple(data.shape[:2]) if args.image_size is None else tuple(args.image_size))
+        if grid is not None:
+            spacings.append((next(iter(unit.sources.values())), voxel_spacing(grid)))
+    units = [unit for unit in units if unit.folder in scales]
+    if not units:
+        raise UserError(f'none of the {len(scales) + len(problems)} subjects could be used: {"; ".join(problems)}')
+    usable = {}  # subject -> the vendors whose scans of it are used
+    for unit in units:
+        usable.setdefault(unit.subject, set()).update(scales[unit.folder])
+    for vendor, flag, folder in zip(vendors, ('--vendor1_dir', '--vendor2_dir'), folders):
+        if not any(vendor in have for have in usable.values()):
+            raise UserError(f'{flag} {folder}: none of its {vendor} scans could be used (see the skipped lines); '
+                            'fix or replace them')
+    if spacings and not args.voxel_size:
+        check_same_spacing(spacings)
     if len(slice_sizes) > 1:
         raise UserError(f'subjects have different in-plane sizes {sorted(slice_sizes)}; pass --image_size H W '
                         'to pad or crop every slice to one size')
-    splits = split_subjects(list(scales), args.split_ratio, args.test_ratio, args.seed)
+    for name in args.test_subjects or ():
+        if name not in usable:
+            raise UserError(f'--test_subjects {name}: its scans could not be used (see the skipped lines); fix them '
+                            'or leave it out of --test_subjects')
+    people = split_subjects(usable, vendors, args)
+    check_split(people, usable, vendors, args)
+    split_of = {subject: split for split, names in people.items() for subject in names}
+    splits = {split: [unit.folder for unit in units if split_of[unit.subject] == split]
+              for split in ('trainset', 'evalset')}
+    splits['testset'] = people['testset']
 
     # Pass 2: write into a staging folder, then move into place, so a failure leaves no half dataset.
     os.makedirs(args.output_dir, exist_ok=True)
     staging = os.path.join(args.output_dir, '.generating')
     shutil.rmtree(staging, ignore_errors=True)
     n_slices = {'trainset': 0, 'evalset': 0}
+    vendor_slices = {split: {**{vendor: 0 for vendor in vendors}, 'pairs': 0} for split in n_slices}
     try:
         for split in ('trainset', 'evalset'):
-            for subject in tqdm(splits[split], desc=f'writing {split}', unit='subject'):
+            for unit in tqdm([u for u in units if u.folder in splits[split]], desc=f'writing {split}', unit='subject'):
                 with warnings.catch_warnings():
                     warnings.simplefilter('ignore')
-                    data1, data2, _ = load_pair(subject, subjects1[subject], subjects2[subject], kind1,
-                                                args.resample, vendors)
-                data1, _ = normalise(data1, scales[subject][0])
-                data2, _ = normalise(data2, scales[subject][1])
-                size = write_slices(os.path.join(staging, split, subject), data1, data2, vendors, args.image_size)
-                n_slices[split] += data1.shape[2]
+                    volumes, _ = load_unit(unit, kind1, args, vendors)
+                volumes = {vendor: normalise(data, scales[unit.folder][vendor])[0] for vendor, data in volumes.items()}
+                size = write_slices(os.path.join(staging, split, unit.folder), volumes, args.image_size)
+                count = next(iter(volumes.values())).shape[2]
+                n_slices[split] += count
+                for vendor in volumes:
+                    vendor_slices[split][vendor] += count
+                vendor_slices[split]['pairs'] += count if len(volumes) == 2 else 0
         for vendor, table in zip(vendors, (subjects1, subjects2)):
             os.makedirs(os.path.join(staging, 'testset', vendor))
             for subject in splits['testset']:
+                if vendor not in usable[subject]:
+                    continue
                 source = table[subject]
                 target = os.path.join(staging, 'testset', vendor, os.path.basename(source))
                 (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
-        train_scales = [scales[s] for s in splits['trainset']]
+        subject_scales = {}
+        for unit in units:
+            subject_scales.setdefault(unit.subject, {}).update({v: float(s) for v, s in scales[unit.folder].items()})
+        vendor_subjects = {vendor: {split: [name for name in names if vendor in (
+                           usable[name] if split == 'testset' else scales[name])] for split, names in splits.items()}
+                           for vendor in vendors}
         info = {
             'vendors': list(vendors),
             'subjects': splits,
@@ -285,11 +465,18 @@ def main(argv=None):
             'normalisation': {'method': 'robust_max', 'percentile': ROBUST_PERCENTILE, 'clip': [0.0, 1.0],
                               'description': 'each volume divided by the given percentile of its non-zero '
                                              'voxels, then clipped to [0, 1]'},
-            'intensity_scale': {vendor: float(np.median([s[i] for s in train_scales]))
-                                for i, vendor in enumerate(vendors)},
-            'subject_scales': {subject: dict(zip(vendors, map(float, scales[subject]))) for subject in scales},
+            'intensity_scale': {vendor: float(np.median([scales[folder][vendor] for folder in
+                                                         vendor_subjects[vendor]['trainset']]))
+                                for vendor in vendors},
+            'subject_scales': subject_scales,
             'sources': {vendors[0]: os.path.abspath(args.vendor1_dir), vendors[1]: os.path.abspath(args.vendor2_dir)},
-            'skipped': unpaired + problems,
+            'skipped': problems,
+            'paired_subjects': sorted((folder for folder in splits['trainset'] + splits['evalset']
+                                       if len(scales[folder]) == 2), key=natural_key),
+            'vendor_subjects': vendor_subjects,
+            'vendor_slices': vendor_slices,
+            'unpaired': args.unpaired,
+            'voxel_size': list(args.voxel_size) if args.voxel_size else None,
         }
         with open(os.path.join(staging, 'dataset_info.json'), 'w') as f:
             json.dump(info, f, indent=2)
@@ -305,9 +492,14 @@ def main(argv=None):
         shutil.rmtree(staging, ignore_errors=True)
 
     print(f'wrote {args.output_dir}: {len(splits["trainset"])} train subjects ({n_slices["trainset"]} slices), '
-          f'{len(splits["evalset"])} eval ({n_slices["evalset"]} slices), {len(splits["testset"])} test volumes per '
-          f'vendor in testset/; slices {size[0]}x{size[1]}; {len(unpaired) + len(problems)} skipped; '
+          f'{len(splits["evalset"])} eval ({n_slices["evalset"]} slices), {len(splits["testset"])} test subjects in '
+          f'testset/; slices {size[0]}x{size[1]}; {len(problems)} skipped; '
           f'statistics in {os.path.join(args.output_dir, "dataset_info.json")}')
+    if any(len(have) == 1 for have in scales.values()):
+        for split in ('trainset', 'evalset'):
+            counts = vendor_slices[split]
+            print(f'{split}: {counts["pairs"]} paired slices; '
+                  + ', '.join(f'{counts[v] - counts["pairs"]} {v}-only' for v in vendors))
 
 
 if __name__ == '__main__':

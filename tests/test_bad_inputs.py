@@ -361,6 +361,10 @@ def check_bad_volume_generation(kind, template, tmp_path):
         assert last_line(result.err).startswith('error:'), show(result)
         assert tree(v1, v2, output) == before
         return
+    if expectation == 'either' and result.code != 0:  # refused for the whole run: its voxel size is unlike the others'
+        check_user_error(result, 2, [bad, '--voxel_size'])
+        assert tree(v1, v2, output) == before
+        return
     assert 'Traceback' not in result.out + result.err, show(result)
     assert result.code == 0, show(result)
     assert tree(v1, v2) == {k: v for k, v in before.items() if not k.startswith(output)}
@@ -862,10 +866,11 @@ def empty_vendor_folder(c):
 
 @case(GENERATE, 2)
 def no_matching_subject_names(c):
-    argv = c.generate()
+    """One subject per vendor and no pair: each is a single-vendor subject, and none is left to evaluate."""
+    argv = c.generate(subjects=1)
     for name in os.listdir(c.path('Philips')):
         os.rename(c.path('Philips', name), c.path('Philips', 'other_' + name))
-    c.names.append(c.path('Philips'))
+    c.names += ['SIEMENS', 'evaluation']
     return argv
 
 
@@ -992,6 +997,106 @@ def output_dir_under_a_regular_file(c):
     c.unchanged.append(path)
     c.names.append('--output_dir')
     return argv + ['--output_dir', os.path.join(path, 'dataset')]
+
+
+# generate_paired_dataset.py: single-vendor subjects, --unpaired, --test_subjects, --voxel_size ----------
+def rename_subjects(c, vendor, prefix):
+    """Give vendor's subjects other names, so no subject is in both folders."""
+    for name in sorted(os.listdir(c.path(vendor))):
+        os.rename(c.path(vendor, name), c.path(vendor, prefix + name))
+
+
+@case(GENERATE, 2)
+def one_vendor_without_a_usable_volume(c):
+    argv = c.generate(subjects=3)
+    rename_subjects(c, 'Philips', 'p_')
+    for name in os.listdir(c.path('SIEMENS')):
+        save_nifti(c.path('SIEMENS', name), np.zeros_like(c.template[0]), c.template[1])
+    c.names += ['--vendor1_dir', c.path('SIEMENS')]
+    return argv
+
+
+@case(GENERATE, 2)
+def test_subjects_hold_out_every_subject_of_a_vendor(c):
+    argv = c.generate(subjects=3)
+    rename_subjects(c, 'Philips', 'p_')
+    os.remove(c.path('SIEMENS', 'subj_003.nii.gz'))
+    c.names += ['SIEMENS', '--test_subjects', 'subj_001, subj_002']
+    return argv + ['--test_subjects', 'subj_001', 'subj_002', 'p_subj_001']
+
+
+@case(GENERATE, 2)
+def test_ratio_holds_out_every_subject_of_a_vendor(c):
+    """SIEMENS has one subject, only in its folder: --test_ratio 0.6 of a group of one holds it out."""
+    argv = c.generate(subjects=3)
+    rename_subjects(c, 'Philips', 'p_')
+    for name in ('subj_002.nii.gz', 'subj_003.nii.gz'):
+        os.remove(c.path('SIEMENS', name))
+    c.names += ['SIEMENS', 'subj_001', '--test_ratio']
+    return argv + ['--test_ratio', '0.6']
+
+
+@case(GENERATE, 2)
+def no_evaluation_subject_of_a_vendor(c):
+    argv = c.generate(subjects=3)
+    rename_subjects(c, 'Philips', 'p_')
+    for name in ('subj_002.nii.gz', 'subj_003.nii.gz'):
+        os.remove(c.path('SIEMENS', name))
+    c.names += ['SIEMENS', 'subj_001', 'evaluation']
+    return argv
+
+
+@case(GENERATE, 2)
+def voxel_sizes_differ_without_voxel_size(c):
+    argv = c.generate(subjects=2)
+    fine = mni_t1(resolution=4)
+    data = subject_volume(np.asarray(fine.dataobj, dtype=np.float32), 1)
+    save_nifti(c.path('SIEMENS', 'subj_002.nii.gz'), data, fine.affine)
+    save_nifti(c.path('Philips', 'subj_002.nii.gz'), second_vendor(data, 1), fine.affine)
+    c.names += [c.path('SIEMENS', 'subj_001.nii.gz'), c.path('SIEMENS', 'subj_002.nii.gz'), '--voxel_size']
+    return argv
+
+
+@case(GENERATE, 2)
+def unpaired_folder_name_taken_by_a_subject(c):
+    argv = c.generate(subjects=2)
+    data, affine = c.template
+    save_nifti(c.path('Philips', 'subj_001_SIEMENS.nii.gz'), second_vendor(subject_volume(data, 4)), affine)
+    c.names += ['--unpaired', 'subj_001_SIEMENS', c.path('Philips')]
+    return argv + ['--unpaired']
+
+
+@case(GENERATE, 2)
+def unknown_test_subject(c):
+    c.names += ['--test_subjects', 'nobody']
+    return c.generate('--test_subjects', 'nobody', subjects=3)
+
+
+@case(GENERATE, 2)
+def unusable_test_subject(c):
+    argv = c.generate('--test_subjects', 'subj_002', subjects=3)
+    save_nifti(c.path('SIEMENS', 'subj_002.nii.gz'), np.zeros_like(c.template[0]), c.template[1])
+    c.names += ['--test_subjects', 'subj_002']
+    return argv
+
+
+@case(GENERATE, 2)
+def voxel_size_of_two_values(c):
+    c.names.append('--voxel_size')
+    return c.generate('--voxel_size', '2', '3')
+
+
+@case(GENERATE, 2)
+def voxel_size_zero(c):
+    c.names.append('--voxel_size')
+    return c.generate('--voxel_size', '0')
+
+
+@case(GENERATE, 2)
+def voxel_size_for_2d_slices(c):
+    c.names.append('--voxel_size')
+    return slice_folders(c, subjects=('subj_001', 'subj_002')) + ['--voxel_size', '2']
+# ---- end of the single-vendor / --unpaired / --test_subjects / --voxel_size block ----------------
 
 
 # inference_nii.py: flags and folders

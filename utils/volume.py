@@ -1,8 +1,9 @@
 """Volume handling shared by dataset generation and inference.
 
 Loading and checking a NIfTI, bringing it to the closest canonical orientation (RAS, so the axial
-axis is the last one), the one intensity normalisation and its inverse, cutting into and re-stacking
-axial slices, and writing a result back in the input's own orientation.
+axis is the last one), resampling to one voxel spacing and back onto an input's grid, the one
+intensity normalisation and its inverse, cutting into and re-stacking axial slices, and writing a
+result back in the input's own orientation.
 """
 import gzip
 import os
@@ -11,12 +12,15 @@ import zlib
 
 import nibabel as nib
 import numpy as np
+from nibabel.processing import resample_from_to, resample_to_output
 
 from utils.errors import UserError
 
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 ROBUST_PERCENTILE = 99.5
 MAX_VOXELS = 2_000_000_000 // 4  # a 2 GB float32 volume is far beyond any MRI; larger headers are corrupt
+RESAMPLE_ORDER = 1  # trilinear: no overshoot, so a zero background stays zero and no negative intensities appear
+SPACING_TOLERANCE = 0.01  # relative; headers of one protocol differ in the last digits (0.9375 vs 0.93750006)
 
 
 def nifti_stem(path):
@@ -104,6 +108,40 @@ def from_canonical(data, original):
     transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt('RAS'),
                                                 nib.orientations.io_orientation(original.affine))
     return nib.orientations.apply_orientation(data, transform)
+
+
+def voxel_spacing(image):
+    """The voxel size in mm along the image's three voxel axes."""
+    return tuple(float(z) for z in image.header.get_zooms()[:3])
+
+
+def resample_to_spacing(image, voxel_size):
+    """A canonical image resampled to `voxel_size` (three mm values) over its whole field of view.
+
+    The result is float32 and RAS+ (nibabel.processing.resample_to_output), so axial slices stay data[:, :, k].
+    """
+    resampled = resample_to_output(image, voxel_sizes=voxel_size, order=RESAMPLE_ORDER, mode='constant', cval=0.0)
+    return nib.Nifti1Image(np.asarray(resampled.dataobj, dtype=np.float32), resampled.affine)
+
+
+def resample_onto(image, grid):
+    """`image`'s voxels resampled onto the grid (shape and affine) of the image `grid`, as float32 data."""
+    resampled = resample_from_to(image, (grid.shape[:3], grid.affine), order=RESAMPLE_ORDER, mode='constant',
+                                 cval=0.0)
+    return np.asarray(resampled.dataobj, dtype=np.float32)
+
+
+def check_same_spacing(spacings):
+    """`spacings`: (path, voxel size) pairs; raise UserError naming a file whose voxel size differs from the
+    most common one, and a file of that one."""
+    def close(a, b):
+        return np.allclose(a, b, rtol=SPACING_TOLERANCE, atol=0)
+    reference_path, reference = max(spacings, key=lambda item: sum(close(item[1], other) for _, other in spacings))
+    for path, spacing in spacings:
+        if not close(spacing, reference):
+            raise UserError(f'{path} has {"x".join(f"{v:g}" for v in spacing)} mm voxels but {reference_path} has '
+                            f'{"x".join(f"{v:g}" for v in reference)} mm; pass --voxel_size MM to resample every '
+                            'volume to one spacing')
 
 
 def robust_max(data, percentile=ROBUST_PERCENTILE):

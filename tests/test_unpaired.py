@@ -191,7 +191,7 @@ def test_matching_weight_is_off_without_pairs_and_an_explicit_one_is_refused(unp
     args = parse_arguments(['-ex', 't', '--data_root', unpaired, '--save_dir', str(tmp_path), *TINY])
     CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 't'))
     assert args.oml_weight == 0
-    for flags in (['--oml_weight', '5'], ['--warmup_epochs', '2']):
+    for flags in (['--oml_weight', '5'], ['--warmup_epochs', '2'], ['--gan_every', '2']):
         args = parse_arguments(['-ex', 't', '--data_root', unpaired, '--save_dir', str(tmp_path), *TINY, *flags])
         with pytest.raises(UserError) as info:
             CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 't'))

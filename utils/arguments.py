@@ -172,6 +172,9 @@ def resolve_matching_weight(args, n_pairs, train_dir):
     if args.warmup_epochs > 0 and not args.oml_weight:
         raise UserError(f'--warmup_epochs {args.warmup_epochs:g} trains with the matching term alone, which '
                         f'{train_dir} cannot have (no pairs); drop --warmup_epochs')
+    if args.gan_every > 1 and not args.oml_weight:
+        raise UserError(f'--gan_every {args.gan_every} leaves the steps between to the matching term, which '
+                        f'{train_dir} cannot have (no pairs); drop --gan_every')
     check_loss_weights(args)
 
 

@@ -1,4 +1,5 @@
 # make demo : venv, demo data, paired dataset, CPU-sized training, harmonized test volumes with metrics
+# make demo-unpaired : the same demo data split so that the two vendors' training subjects are disjoint
 # make test : venv, then the test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +8,7 @@ DEMO   := demo
 EXP    := demo
 TRAIN_MINUTES ?= 7
 
-.PHONY: venv test demo bench quality clean-demo
+.PHONY: venv test demo demo-unpaired bench quality clean-demo
 
 # The marker is written only after a complete install, so a half-built venv is completed on the next run.
 $(VENV)/.installed: requirements.txt
@@ -38,6 +39,26 @@ demo: venv $(DEMO)/nifti/.complete
 	@echo "previews:      $$(ls results/$(EXP)/testset/SIEMENS_to_Philips/previews/*.png | tr '\n' ' ')"
 	@echo "metrics table: results/$(EXP)/testset/SIEMENS_to_Philips/metrics.csv"
 
+# SIEMENS scans of subjects 1-5, Philips scans of subjects 6-10 (no subject on both), and two traveling subjects
+# (11, 12) held out, scanned on both: the test.
+UNPAIRED := $(DEMO)/unpaired
+$(UNPAIRED)/.complete: $(DEMO)/nifti/.complete
+	rm -rf $(UNPAIRED)
+	mkdir -p $(UNPAIRED)/SIEMENS $(UNPAIRED)/Philips $(UNPAIRED)/traveling/SIEMENS $(UNPAIRED)/traveling/Philips
+	for i in 001 002 003 004 005; do cp $(DEMO)/nifti/SIEMENS/subj_$$i.nii.gz $(UNPAIRED)/SIEMENS/; done
+	for i in 006 007 008 009 010; do cp $(DEMO)/nifti/Philips/subj_$$i.nii.gz $(UNPAIRED)/Philips/; done
+	for v in SIEMENS Philips; do cp $(DEMO)/nifti/$$v/subj_011.nii.gz $(DEMO)/nifti/$$v/subj_012.nii.gz $(UNPAIRED)/traveling/$$v/; done
+	touch $@
+
+demo-unpaired: venv $(UNPAIRED)/.complete
+	$(PY) dataset/generate_paired_dataset.py --vendor1_dir $(UNPAIRED)/SIEMENS --vendor2_dir $(UNPAIRED)/Philips \
+		--output_dir $(UNPAIRED)/dataset --split_ratio 0.8 --overwrite
+	$(PY) train.py @recipes/cpu_unpaired.args -ex $(EXP)-unpaired --data_root $(UNPAIRED)/dataset \
+		--max_minutes $(TRAIN_MINUTES) --overwrite
+	$(PY) inference_nii.py --experiment $(EXP)-unpaired --epoch latest --src_vendor SIEMENS --trg_vendor Philips \
+		--input_dir $(UNPAIRED)/traveling/SIEMENS --reference_dir $(UNPAIRED)/traveling/Philips \
+		--target_dir $(UNPAIRED)/Philips --output_dir results/$(EXP)-unpaired/testset/SIEMENS_to_Philips --overwrite
+
 bench: venv
 	$(PY) benchmarks/benchmark.py --quick
 
@@ -45,4 +66,4 @@ quality: venv $(DEMO)/nifti/.complete
 	$(PY) benchmarks/quality.py --data_dir $(DEMO)/nifti --minutes 10 @recipes/cpu.args
 
 clean-demo:
-	rm -rf $(DEMO) results/$(EXP)
+	rm -rf $(DEMO) results/$(EXP) results/$(EXP)-unpaired

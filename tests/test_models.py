@@ -161,6 +161,24 @@ def test_default_discriminator_shape():
         assert Discriminator()(torch.zeros(2, 1, 50, 59)).shape == (2, 1)
 
 
+@pytest.mark.parametrize('n_layers, field_of_view', [(1, 16), (2, 34), (3, 70)])
+def test_discriminator_layers_set_each_logits_field_of_view(n_layers, field_of_view):
+    """One patch logit depends on exactly field_of_view x field_of_view input pixels (the reference PatchGAN's
+    receptive field for n_layers_D), and the smallest input still gives a logit."""
+    torch.manual_seed(0)
+    net = Discriminator(ndf=4, n_layers=n_layers)
+    convolutions = torch.nn.Sequential(*[layer for layer in net.model if not isinstance(layer, torch.nn.InstanceNorm2d)])
+    x = (torch.rand(1, 1, 96, 96) * 2 - 1).requires_grad_()
+    patches = convolutions(x)  # instance normalisation spreads image-wide statistics; the convolutions set the view
+    patches[0, 0, patches.shape[2] // 2, patches.shape[3] // 2].backward()
+    rows, cols = torch.nonzero(x.grad[0, 0], as_tuple=True)
+    assert int(rows.max() - rows.min()) + 1 == int(cols.max() - cols.min()) + 1 == field_of_view
+    with torch.no_grad():
+        assert net(torch.zeros(2, 1, 5, 7)).shape == (2, 1)
+    if n_layers == 3:  # the seed's network, parameter for parameter
+        assert list(net.state_dict()) == list(Discriminator(ndf=4).state_dict())
+
+
 @pytest.mark.parametrize('in_channels, out_channels, kernel, shape', [(16, 1, 7, (2, 16, 30, 41)),
                                                                       (6, 3, 3, (1, 6, 9, 12))])
 def test_shift_add_conv_equals_the_library_convolution(in_channels, out_channels, kernel, shape):

@@ -83,6 +83,9 @@ def build_parser():
                        help='give the generator\'s last layer a learned curve of each input voxel\'s intensity (off in '
                             'the seed\'s network, whose instance normalisation hides the intensity level)')
     model.add_argument('--ndf', type=int, default=64, help='discriminator width')
+    model.add_argument('--d_layers', type=int, default=3, choices=[1, 2, 3],
+                       help='stride-2 layers of the discriminators: each logit sees 16, 34 or 70 pixels square; a '
+                            'smaller field of view judges texture and contrast rather than shapes')
 
     run = parser.add_argument_group('logging and running')
     run.add_argument('--save_freq', type=int, default=1, help='save checkpoints every N epochs (the last is always saved)')
@@ -183,7 +186,7 @@ def parse_arguments(argv=None):
 
 
 # Flags that fix the networks' shapes: a resumed run must keep them.
-ARCHITECTURE_FLAGS = ('ngf', 'n_res_blocks', 'ndf', 'vendor1', 'vendor2')
+ARCHITECTURE_FLAGS = ('ngf', 'n_res_blocks', 'ndf', 'd_layers', 'vendor1', 'vendor2')
 
 
 def save_arguments(args, path):

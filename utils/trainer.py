@@ -145,8 +145,8 @@ class CycleGANTrainer:
         self.nets = {
             'G_AB': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks, input_skip=args.input_skip),
             'G_BA': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks, input_skip=args.input_skip),
-            'D_A': Discriminator(ndf=args.ndf),
-            'D_B': Discriminator(ndf=args.ndf),
+            'D_A': Discriminator(ndf=args.ndf, n_layers=args.d_layers),
+            'D_B': Discriminator(ndf=args.ndf, n_layers=args.d_layers),
         }
         for net in self.nets.values():
             net.apply(init_weights)

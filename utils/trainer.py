@@ -32,9 +32,10 @@ from utils.metrics import DistributionMetrics, SetMetrics
 
 NETWORKS = ('G_AB', 'G_BA', 'D_A', 'D_B')
 # Without eval pairs, an epoch is "best" when it brings the harmonized intensity distribution closest to the target
-# vendor's while its anatomy figure stays within this fraction of the highest seen so far (an output that matches
-# the target's histogram by inventing texture loses mutual information with its input).
-ANATOMY_TOLERANCE = 0.02
+# vendor's while its output keeps at least this share of the highest mutual information with its input seen so far
+# (the anatomy figure minus 1, its value for an unrelated image): an output that matches the target's histogram by
+# inventing texture loses what it shares with its input.
+ANATOMY_SHARE_KEPT = 0.5
 
 
 def lr_factor(epoch_progress, decay_epoch, total_epoch):
@@ -447,8 +448,7 @@ class CycleGANTrainer:
 
     def _is_best(self, direction, epoch, metric):
         """Record epoch as the direction's best if it is: the highest eval SSIM over the eval pairs; without pairs,
-        the lowest vendor distance among epochs whose anatomy figure is within ANATOMY_TOLERANCE of the highest
-        seen so far."""
+        the lowest vendor distance among epochs that keep ANATOMY_SHARE_KEPT of the highest anatomy figure seen."""
         best = self.best.get(direction, {})
         if isinstance(metric, SetMetrics):
             if not (math.isfinite(metric.ssim) and metric.ssim > best.get('ssim', -math.inf)):
@@ -458,7 +458,7 @@ class CycleGANTrainer:
         highest_anatomy = max(metric.anatomy, best.get('highest_anatomy', -math.inf))
         best['highest_anatomy'] = highest_anatomy
         self.best[direction] = best
-        kept = metric.anatomy >= (1 - ANATOMY_TOLERANCE) * highest_anatomy
+        kept = metric.anatomy - 1 >= ANATOMY_SHARE_KEPT * (highest_anatomy - 1)
         if not (kept and math.isfinite(metric.vendor_distance)
                 and metric.vendor_distance < best.get('vendor_distance', math.inf)):
             return False

@@ -206,6 +206,28 @@ def test_volumes_in_other_axis_orders_compare_voxel_to_voxel(target, tmp_path):
             assert mixed[method][metric] == pytest.approx(ras[method][metric], rel=1e-5, abs=1e-6), (method, metric)
 
 
+def test_mask_dir_sets_the_foreground(study, target_dir, tmp_path):
+    """A brain mask equal to the non-zero voxels changes nothing; a mask of one hemisphere changes the figures; a
+    mask on another grid is that volume's error."""
+    masks = tmp_path / 'masks'
+    masks.mkdir()
+    data, affine = scan(3, 'SIEMENS')
+    save((data > 0).astype(np.float32), affine, masks / 'subj_003_mask.nii.gz', codes='LPS')
+    half = (data > 0) & (np.arange(data.shape[0]) < data.shape[0] // 2)[:, None, None]
+    save(half.astype(np.float32), affine, masks / 'subj_004.nii.gz')
+    common = ['--harmonized_dir', str(study['harmonized']), '--target_dir', str(target_dir),
+              '--source_dir', str(study['source'])]
+    evaluate.main([*common, '--output_dir', str(tmp_path / 'plain')])
+    evaluate.main([*common, '--mask_dir', str(masks), '--output_dir', str(tmp_path / 'masked')])
+    plain, masked = (pd.read_csv(tmp_path / name / 'metrics.csv').set_index(['volume', 'method'])
+                     for name in ('plain', 'masked'))
+    pd.testing.assert_frame_equal(masked.loc['subj_003'], plain.loc['subj_003'])
+    assert not np.allclose(masked.loc['subj_004', 'vendor_distance'], plain.loc['subj_004', 'vendor_distance'])
+    save(half[1:].astype(np.float32), affine, masks / 'subj_004.nii.gz')
+    failed = evaluate.main([*common, '--mask_dir', str(masks), '--output_dir', str(tmp_path / 'bad')])
+    assert [os.path.basename(path) for path in failed] == ['subj_004_harmonized.nii.gz']
+
+
 # ---- the command line and the CSV ---------------------------------------------------------------
 
 def test_csv_layout_means_figures_and_inputs_untouched(study, target_dir, capsys):

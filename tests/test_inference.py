@@ -482,6 +482,17 @@ def test_missing_input_folder_and_folder_without_nifti(experiment, tmp_path, cap
     assert sorted(os.listdir(empty)) == ['notes.txt', 'volume.npy']
 
 
+def test_missing_or_empty_target_dir(experiment, one_input, tmp_path, capsys):
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, one_input, tmp_path / 'out', '--target_dir',
+                                                         tmp_path / 'nowhere'))
+    assert_reported(code, out, err, '--target_dir', 'nowhere')
+    (tmp_path / 'empty').mkdir()
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, one_input, tmp_path / 'out', '--target_dir',
+                                                         tmp_path / 'empty'))
+    assert_reported(code, out, err, '--target_dir', 'empty')
+    assert not (tmp_path / 'out').exists()
+
+
 def test_output_folder_equal_to_input_folder_is_refused(experiment, tmp_path, capsys):
     inputs = tmp_path / 'in'
     inputs.mkdir()

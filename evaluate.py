@@ -37,8 +37,8 @@ def build_parser():
                                              'baselines')
     parser.add_argument('--reference_dir', help='the same subjects scanned on the target vendor, same stems: adds '
                                                 'SSIM, PSNR, MAE, Detail and the tissue-volume difference')
-    parser.add_argument('--mask_dir', help='brain masks {stem}.nii(.gz) or {stem}_mask.nii(.gz) (default: the '
-                                           'non-zero voxels of the source and reference)')
+    parser.add_argument('--mask_dir', help='brain masks {stem}.nii(.gz) or {stem}_mask.nii(.gz); without one, the '
+                                           'foreground is the non-zero voxels of the source and reference')
     parser.add_argument('--output_dir', help='where metrics.csv and previews/ go (default HARMONIZED_DIR/evaluation)')
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier metrics.csv and previews/ there')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')

@@ -6,7 +6,11 @@ Either edit the constants below and run `python inference_nii.py`, or pass the s
         --input_dir dataset/Harmonization_dataset/testset/SIEMENS \
         --output_dir results/MyExperiment/testset/SIEMENS_to_Philips \
         --src_vendor SIEMENS --trg_vendor Philips \
-        --reference_dir dataset/Harmonization_dataset/testset/Philips   # optional: metrics and previews
+        --reference_dir dataset/Harmonization_dataset/testset/Philips \
+        --target_dir dataset/scans/Philips
+
+--reference_dir (the same subjects on the target vendor) and --target_dir (target-vendor scans of any subjects)
+are optional: with either, each output is judged as evaluate.py judges it (metrics.csv and previews/).
 
 From Python: `from inference_nii import main; main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips')`.
 
@@ -25,9 +29,7 @@ import warnings
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import torch
-from skimage.exposure import match_histograms
 from tqdm import tqdm
 
 from model.generator import Generator
@@ -36,8 +38,8 @@ from utils.checkpoint import generator_filename, load_weights, saved_generator_e
 from utils.cpu_memory import keep_freed_memory
 from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp
 from utils.errors import UserError, run_cli
+from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, write_table
 from utils.paths import check_writable_folder
-from utils.metrics import fine_detail, volume_metrics
 from utils.volume import (axial_slices, denormalise, from_canonical, list_nifti, load_volume, nifti_stem,
                           normalise, resample_onto, resample_to_spacing, save_like, stack_axial, to_canonical)
 
@@ -49,9 +51,6 @@ save_root = './results'
 batch_size = 16                               # slices per generator call
 device = 'auto'                               # auto, cpu, cuda or mps
 # ----------------------------------------------------------------------------------------------------
-
-METHODS = ('harmonized', 'unharmonized', 'histogram matching')
-
 
 def load_generator(experiment_dir, src_vendor, trg_vendor, epoch, device):
     """The src->trg generator of an experiment, rebuilt from its arguments.txt; returns (network, epoch used)."""
@@ -162,75 +161,11 @@ def harmonize_volume(generator, path, scale, batch_size, device, amp=False, voxe
     return image, from_canonical(output, image), normalised, fake
 
 
-def find_reference(reference_dir, stem):
-    for suffix in ('.nii.gz', '.nii'):
-        path = os.path.join(reference_dir, stem + suffix)
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def compare_with_reference(stem, source, harmonized, reference_path):
-    """Metrics of harmonized / unharmonized / histogram-matched volumes against the reference, in [0, 1], and
-    their fine detail as a ratio to the reference's."""
-    reference = np.asarray(to_canonical(load_volume(reference_path)).dataobj, dtype=np.float32)
-    if reference.shape != source.shape:
-        raise UserError(f'{reference_path}: shape {reference.shape} differs from the input\'s {source.shape} '
-                        '(after reorientation); the reference must be on the same grid')
-    reference, _ = normalise(reference)
-    mask = (reference > 0) | (source > 0)
-    matched = np.zeros_like(source)
-    matched[mask] = match_histograms(source[mask], reference[mask])
-    volumes = {'harmonized': harmonized, 'unharmonized': source, 'histogram matching': matched}
-    reference_detail = fine_detail(reference, mask)
-    rows = [{'volume': stem, 'method': method, **volume_metrics(volume, reference, mask),
-             'Detail': fine_detail(volume, mask) / reference_detail if reference_detail > 0 else float('nan')}
-            for method, volume in volumes.items()]
-    return rows, reference, matched
-
-
-def save_preview(path, source, harmonized, reference, title):
-    """Input, harmonized, reference and |harmonized - reference| through the middle of the volume, three views."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    centre = [s // 2 for s in source.shape]
-    views = {'axial': lambda v: v[:, :, centre[2]].T, 'coronal': lambda v: v[:, centre[1], :].T,
-             'sagittal': lambda v: v[centre[0], :, :].T}
-    columns = {'input': source, 'harmonized': harmonized, 'reference': reference,
-               '|harmonized - reference|': np.abs(harmonized - reference)}
-    fig, axes = plt.subplots(3, 4, figsize=(10, 8))
-    for row, (view, cut) in enumerate(views.items()):
-        for col, (name, volume) in enumerate(columns.items()):
-            ax = axes[row, col]
-            ax.imshow(cut(volume), cmap='magma' if col == 3 else 'gray', vmin=0, vmax=0.5 if col == 3 else 1,
-                      origin='lower')
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name, fontsize=10)
-            if col == 0:
-                ax.set_ylabel(view)
-    fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=60)
-    plt.close(fig)
-
-
-def print_metrics_table(table):
-    summary = table.groupby('method', sort=False)[['SSIM', 'PSNR', 'MAE', 'Detail']].mean()
-    print('\nagainst the reference, inside the foreground (intensities normalised to [0, 1]; Detail: fine texture '
-          'and noise as a ratio to the reference\'s):')
-    print(table.to_string(index=False, float_format=lambda v: f'{v:.4f}'))
-    print('\nmean over volumes:')
-    print(summary.to_string(float_format=lambda v: f'{v:.4f}'))
-    return summary
-
-
 def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experiment=None, epoch=None,
-         results_root=None, reference_dir=None, batch_size=None, device=None, overwrite=False, amp='off'):
-    """Harmonize every NIfTI in data_dir into save_dir; returns the list of volumes that failed."""
+         results_root=None, reference_dir=None, batch_size=None, device=None, overwrite=False, amp='off',
+         target_dir=None):
+    """Harmonize every NIfTI in data_dir into save_dir; returns the list of volumes that failed. With reference_dir
+    or target_dir, each new output is evaluated as evaluate.py does (metrics.csv and previews/ in save_dir)."""
     keep_freed_memory()
     experiment = experiment or target_experiment
     epoch = epoch if epoch is not None else best_epochs.get(f'{src_vendor}_to_{trg_vendor}', 'best')
@@ -247,6 +182,7 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
         raise UserError(f'--output_dir {save_dir} is the input folder; write the outputs to another folder')
     if reference_dir is not None and not os.path.isdir(reference_dir):
         raise UserError(f'--reference_dir {reference_dir}: no such folder')
+    target = TargetVendor(target_dir) if target_dir is not None else None
     generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     scale = target_scale(experiment_dir, trg_vendor)
     voxel_size = training_spacing(experiment_dir)
@@ -275,14 +211,13 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
                 tqdm.write(f'warning: {warning.message}')
             save_like(output, image, output_path)
             written.append(output_path)
-            reference_path = find_reference(reference_dir, stem) if reference_dir else None
+            reference_path = find_by_stem(reference_dir, stem) if reference_dir else None
             if reference_dir and reference_path is None:
-                tqdm.write(f'warning: no reference {stem}.nii(.gz) in {reference_dir}; no metrics for {stem}')
-            if reference_path:
-                volume_rows, reference, _ = compare_with_reference(stem, source, harmonized, reference_path)
-                rows += volume_rows
-                save_preview(os.path.join(save_dir, 'previews', f'{stem}.png'), source, harmonized, reference,
-                             f'{stem}: {src_vendor} -> {trg_vendor}')
+                tqdm.write(f'warning: no reference {stem}.nii(.gz) in {reference_dir}; '
+                           f'no metrics against it for {stem}')
+            if reference_path or target is not None:
+                rows += evaluate_volume(stem, output_path, target, source_path=path, reference_path=reference_path,
+                                        figure_path=os.path.join(save_dir, 'previews', f'{stem}.png'))
         except UserError as error:
             failed.append(path)
             tqdm.write(f'failed: {error}')
@@ -291,10 +226,8 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
             tqdm.write(f'failed: {path}: cannot write {output_path} ({error.strerror or error})')
 
     if rows:
-        table = pd.DataFrame(rows)
-        table.to_csv(os.path.join(save_dir, 'metrics.csv'), index=False, float_format='%.6g')
-        print_metrics_table(table)
-        print(f'metrics: {os.path.join(save_dir, "metrics.csv")}; previews: {os.path.join(save_dir, "previews")}/')
+        write_table(rows, save_dir)
+        print(f'previews: {os.path.join(save_dir, "previews")}/')
     print(f'wrote {len(written)} volume(s) to {save_dir}'
           + (f'; {len(skipped)} existing output(s) kept (pass --overwrite to redo them)' if skipped else '')
           + (f'; {len(failed)} failed: {", ".join(failed)}' if failed else ''))
@@ -315,6 +248,8 @@ def build_parser():
                                              '(default SAVE_DIR/EXPERIMENT/testset/SRC_to_TRG)')
     parser.add_argument('--save_dir', default=save_root, help='results root holding the experiment folders')
     parser.add_argument('--reference_dir', help='target-vendor volumes with the same names: adds metrics.csv and previews')
+    parser.add_argument('--target_dir', help='real target-vendor scans of any subjects: adds the vendor distance and '
+                                             'the Nyul / histogram-matching baselines to metrics.csv (see evaluate.py)')
     parser.add_argument('--batch_size', type=int, default=batch_size, help='slices per generator call')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=device)
     parser.add_argument('--amp', nargs='?', const='on', default='off', choices=AMP_CHOICES,
@@ -336,7 +271,8 @@ def cli(argv):
                                                  f'{args.src_vendor}_to_{args.trg_vendor}')
     failed = main(input_dir, output_dir, args.src_vendor, args.trg_vendor, experiment=args.experiment,
                   epoch=args.epoch, results_root=args.save_dir, reference_dir=args.reference_dir,
-                  batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, amp=args.amp)
+                  batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, amp=args.amp,
+                  target_dir=args.target_dir)
     if failed:
         sys.exit(1)
 

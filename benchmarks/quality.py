@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
+from utils.evaluation import ORACLE  # noqa: E402
 from utils.paths import check_writable_folder  # noqa: E402
 
 PAIRED_L1_FLAGS = ['--adv_weight', '0', '--ccl_weight', '0', '--identity_weight', '0',
@@ -97,7 +98,7 @@ def train_and_measure(label, flags, minutes, dataset, args):
          '--reference_dir', os.path.join(dataset, 'testset', 'Philips'), '--output_dir', output, '--overwrite'],
         os.path.join(runs, f'{experiment}.inference.log'))
     table = pd.read_csv(os.path.join(output, 'metrics.csv'))
-    means = table.groupby('method')[['SSIM', 'PSNR', 'MAE', 'Detail']].mean()
+    means = table[table['volume'] == 'mean'].set_index('method')[['SSIM', 'PSNR', 'MAE', 'Detail']]
     return means, wall, int(steps[-1])
 
 
@@ -128,7 +129,7 @@ def main(argv):
         means, wall, steps = train_and_measure(args.name, recipe, minutes, dataset, args)
         entry[args.name] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}
         entry['unharmonized'] = means.loc['unharmonized'].to_dict()
-        entry['histogram_matching'] = means.loc['histogram matching'].to_dict()
+        entry['histogram_matching'] = means.loc[ORACLE].to_dict()
         if not args.skip_paired:
             means, wall, steps = train_and_measure('paired_l1', paired_flags, minutes, dataset, args)
             entry['paired_l1'] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}

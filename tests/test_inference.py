@@ -25,6 +25,7 @@ from conftest import REPO, mni_t1, second_vendor, subject_volume, tiny_train_fla
 from model.generator import Generator
 from utils.errors import run_cli
 
+import evaluate
 import inference_nii
 
 VENDORS = ('SIEMENS', 'Philips')
@@ -369,39 +370,58 @@ def masked_metrics(prediction, reference, mask):
             'Detail': fine_detail(prediction, mask) / fine_detail(reference, mask)}
 
 
-def test_command_line_with_reference_writes_metrics_and_previews(experiment, tmp_path):
+def test_command_line_with_reference_and_target_writes_the_rows_of_evaluate_py(experiment, tmp_path):
     test_dir = experiment['dataset'] / 'testset'
+    target_dir = experiment['root'] / 'scans' / 'Philips'  # the target vendor's scans (here of every subject)
     out = tmp_path / 'out'
     result = subprocess.run([sys.executable, 'inference_nii.py',
                              *cli_args(experiment, test_dir / 'SIEMENS', out, '--reference_dir', test_dir / 'Philips',
-                                       '--epoch', 'latest')],
+                                       '--target_dir', target_dir, '--epoch', 'latest')],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     stems = sorted(name[:-len('.nii.gz')] for name in os.listdir(test_dir / 'SIEMENS'))
     assert len(stems) == 2
-    table = pd.read_csv(out / 'metrics.csv')
-    assert {'SSIM', 'PSNR', 'MAE', 'Detail'} <= set(table.columns)
-    assert len(table) == 3 * len(stems)
+    table = pd.read_csv(out / 'metrics.csv', dtype={'volume': str})
+    assert {'SSIM', 'PSNR', 'MAE', 'Detail', 'vendor_distance', 'NMI', 'tissue_Dice'} <= set(table.columns)
+    methods = ['harmonized', 'unharmonized', 'Nyul', 'histogram matching to target',
+               'oracle: histogram matching to reference']
+    assert list(table['method']) == methods * 3 and list(table['volume']) == [*stems[:1] * 5, *stems[1:] * 5,
+                                                                               *['mean'] * 5]
     scale = experiment['info']['intensity_scale']['Philips']
     for stem in stems:
-        rows = table[table['volume'].astype(str) == stem].set_index('method')
-        assert set(rows.index) == {'harmonized', 'unharmonized', 'histogram matching'}
+        rows = table[table['volume'] == stem].set_index('method')
         source = normalised(canonical(test_dir / 'SIEMENS' / f'{stem}.nii.gz'))
         reference = normalised(canonical(test_dir / 'Philips' / f'{stem}.nii.gz'))
         mask = (reference > 0) | (source > 0)
-        harmonized = canonical(output_of(out, stem)) / scale
-        for method, volume, tol in (('unharmonized', source, 1e-4), ('harmonized', harmonized, 2e-3)):
+        # every method's volume is normalised as training normalises a scan, the output too
+        harmonized = normalised(canonical(output_of(out, stem)))
+        for method, volume in (('unharmonized', source), ('harmonized', harmonized)):
             want = masked_metrics(volume, reference, mask)
             for metric in ('SSIM', 'PSNR', 'MAE', 'Detail'):
-                assert rows.loc[method, metric] == pytest.approx(want[metric], rel=tol, abs=tol), (stem, method,
-                                                                                                   metric)
+                assert rows.loc[method, metric] == pytest.approx(want[metric], rel=1e-4, abs=1e-4), (stem, method,
+                                                                                                     metric)
         # histogram matching onto the reference makes the unharmonized intensities closer to it
-        assert rows.loc['histogram matching', 'MAE'] < rows.loc['unharmonized', 'MAE']
+        assert rows.loc['oracle: histogram matching to reference', 'MAE'] < rows.loc['unharmonized', 'MAE']
         with open(out / 'previews' / f'{stem}.png', 'rb') as f:
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'
         assert_matches_manual(output_of(out, stem), test_dir / 'SIEMENS' / f'{stem}.nii.gz',
                               weights(experiment, 'SIEMENS', 'Philips', 2), scale)
+    # evaluate.py on the same outputs writes the same rows: one implementation
+    assert evaluate.main(['--harmonized_dir', str(out), '--target_dir', str(target_dir), '--source_dir',
+                          str(test_dir / 'SIEMENS'), '--reference_dir', str(test_dir / 'Philips')]) == []
+    pd.testing.assert_frame_equal(pd.read_csv(out / 'evaluation' / 'metrics.csv', dtype={'volume': str}), table)
+
+
+def test_reference_without_target_gives_the_reference_rows(experiment, one_input, tmp_path):
+    reference = tmp_path / 'reference'
+    reference.mkdir()
+    save(*philips(4), reference / 'subj_050.nii.gz', codes='LPS')
+    assert harmonize(experiment, one_input, tmp_path / 'out', reference_dir=str(reference)) == []
+    table = pd.read_csv(tmp_path / 'out' / 'metrics.csv')
+    assert list(table['method']) == ['harmonized', 'unharmonized', 'oracle: histogram matching to reference'] * 2
+    assert list(table['volume']) == ['subj_050'] * 3 + ['mean'] * 3
+    assert 'vendor_distance' not in table.columns and table['SSIM'].between(0, 1).all()
 
 
 def test_volume_metrics_against_skimage():
@@ -460,6 +480,17 @@ def test_missing_input_folder_and_folder_without_nifti(experiment, tmp_path, cap
     code, out, err = run_inference_cli(capsys, *cli_args(experiment, empty, tmp_path / 'out'))
     assert_reported(code, out, err, 'no_nifti')
     assert sorted(os.listdir(empty)) == ['notes.txt', 'volume.npy']
+
+
+def test_missing_or_empty_target_dir(experiment, one_input, tmp_path, capsys):
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, one_input, tmp_path / 'out', '--target_dir',
+                                                         tmp_path / 'nowhere'))
+    assert_reported(code, out, err, '--target_dir', 'nowhere')
+    (tmp_path / 'empty').mkdir()
+    code, out, err = run_inference_cli(capsys, *cli_args(experiment, one_input, tmp_path / 'out', '--target_dir',
+                                                         tmp_path / 'empty'))
+    assert_reported(code, out, err, '--target_dir', 'empty')
+    assert not (tmp_path / 'out').exists()
 
 
 def test_output_folder_equal_to_input_folder_is_refused(experiment, tmp_path, capsys):

@@ -91,7 +91,8 @@ def check_slice(sample, path, vendor1, vendor2, vendors=None):
 class Paired_Dataset(Dataset):
     """The slices of one split; images are (1, H, W) tensors in [-1, 1].
 
-    `paths[i]` is slice i and `vendors[i]` the vendors it holds. `pool[v]` lists the slices holding vendor v (a
+    `paths[i]` is slice i, `vendors[i]` the vendors it holds and `depths[i]` its position in its subject's
+    stack of axial slices (0 the first, 1 the last). `pool[v]` lists the slices holding vendor v (a
     vendor's pool), `partner[v][k]` the position in the other vendor's pool of the same slice, or -1 for a
     single-vendor slice. `all_paired`: every slice is a pair; items are then (vendor1, vendor2) pairs and
     len() is the number of slices, as in the seed. Otherwise items are indexed by (k1, k2), a position in each
@@ -110,13 +111,14 @@ class Paired_Dataset(Dataset):
                             'dataset/generate_paired_dataset.py or point --data_root at it')
         if not os.path.isdir(split_dir):
             raise UserError(f'{split_dir}: no such folder; --data_root must hold trainset/ and evalset/')
-        self.paths, self.vendors = [], []
+        self.paths, self.vendors, self.depths = [], [], []
         for subject in sorted(os.listdir(split_dir)):
             subject_dir = os.path.join(split_dir, subject)
             if not os.path.isdir(subject_dir):
                 continue
             slices = list_subject_slices(subject_dir)
-            kept = [slices[i] for i in select_slice_range(len(slices), lower_bound, upper_bound)]
+            kept_range = select_slice_range(len(slices), lower_bound, upper_bound)
+            kept = [slices[i] for i in kept_range]
             if kept:
                 vendors = slice_vendors(load_pickle(kept[0]), kept[0], vendor1, vendor2)
                 last_vendors = slice_vendors(load_pickle(kept[-1]), kept[-1], vendor1, vendor2)
@@ -125,6 +127,7 @@ class Paired_Dataset(Dataset):
                                     f'{"/".join(last_vendors)}; a subject\'s slices must all be pairs or all of one '
                                     'vendor: re-create the dataset with dataset/generate_paired_dataset.py')
                 self.paths += kept
+                self.depths += [(i + 0.5) / len(slices) for i in kept_range]  # position in the subject, 0 to 1
                 self.vendors += [vendors] * len(kept)
         if not self.paths:
             raise UserError(f'{split_dir}: no slice_NNN.pkl files in its subject folders (after '
@@ -206,8 +209,10 @@ class VendorDraws(Sampler):
     number of steps). shuffle=False walks both pools in order (evaluation).
     """
 
-    def __init__(self, pool_sizes, seed=0, rank=0, world_size=1, shuffle=True):
+    def __init__(self, pool_sizes, seed=0, rank=0, world_size=1, shuffle=True, pool_depths=None):
         self.pool_sizes, self.seed, self.rank, self.world_size, self.shuffle = pool_sizes, seed, rank, world_size, shuffle
+        self.pool_depths = None if pool_depths is None else [torch.as_tensor(d, dtype=torch.float64)
+                                                             for d in pool_depths]
         self.epoch = 0
         self.length = max(pool_sizes) // world_size
 
@@ -221,11 +226,28 @@ class VendorDraws(Sampler):
             have += size
         return torch.cat(parts)[:total]
 
+    def _match_depths(self, order, larger, generator):
+        """For each slice of the larger pool in `order`, a random slice of the other pool among those nearest to
+        it in depth (the 4% of that pool nearest to it)."""
+        smaller = 1 - larger
+        depths, other = self.pool_depths[larger][order], self.pool_depths[smaller]
+        by_depth = torch.argsort(other)
+        candidates = max(1, round(len(other) * 0.02))  # about 2% of a subject's height above and below
+        centre = torch.searchsorted(other[by_depth].contiguous(), depths.contiguous())
+        offset = torch.randint(-candidates, candidates + 1, (len(order),), generator=generator)
+        return by_depth[(centre + offset).clamp(0, len(other) - 1)]
+
     def items(self):
         """This process's (k1, k2) items of the current epoch, in order."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         total = max(self.pool_sizes)
-        order_A, order_B = (self._order(size, total, generator) for size in self.pool_sizes)
+        if self.pool_depths is not None:
+            larger = int(self.pool_sizes[1] > self.pool_sizes[0])
+            order = self._order(self.pool_sizes[larger], total, generator)
+            matched = self._match_depths(order, larger, generator)
+            order_A, order_B = (order, matched) if larger == 0 else (matched, order)
+        else:
+            order_A, order_B = (self._order(size, total, generator) for size in self.pool_sizes)
         indices = list(zip(order_A.tolist(), order_B.tolist()))
         return indices[self.rank:self.length * self.world_size:self.world_size]
 

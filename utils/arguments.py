@@ -53,6 +53,9 @@ def build_parser():
     train.add_argument('--oml_weight', type=float, default=None,
                        help='weight of the original-matching L1 loss, computed on true pairs only (default: 5 where '
                             'the training set has pairs, 0 where it has none)')
+    train.add_argument('--dist_weight', type=float, default=0.0,
+                       help='weight of the distribution term: the distance between the sorted foreground intensities '
+                            'of the fakes and of the real other-vendor slices of the batch (no pairs needed)')
     train.add_argument('--warmup_epochs', type=float, default=0.0,
                        help='epochs at the start trained with the paired (oml) loss only; adversarial, cycle and '
                             'identity terms are off (not computed) during the warm-up')
@@ -67,6 +70,9 @@ def build_parser():
                        help='compute the adversarial, cycle and identity terms (and step the discriminators) on '
                             'every K-th step only, at K times their weight (lazy regularisation); the steps between '
                             'are paired steps, and count as 0 in those terms\' train means in loss.csv')
+    train.add_argument('--match_depth', action='store_true',
+                       help='on data that is not all paired, draw each vendor-2 slice among the vendor-2 slices at the '
+                            'same depth in their subject as the vendor-1 slice it is drawn with (similar anatomy)')
     train.add_argument('--lower_bound', type=float, default=0.1,
                        help='fraction of each subject\'s slices (in slice order) skipped at the start')
     train.add_argument('--upper_bound', type=float, default=0.9,
@@ -129,7 +135,8 @@ def check_arguments(args):
     if not 0 <= args.lower_bound < args.upper_bound <= 1:
         raise UserError(f'--lower_bound ({args.lower_bound}) and --upper_bound ({args.upper_bound}) are fractions of '
                         'each subject\'s slices and need 0 <= lower < upper <= 1')
-    for name in ('adv_weight', 'ccl_weight', 'identity_weight', 'oml_weight', 'warmup_epochs', 'rampup_epochs'):
+    for name in ('adv_weight', 'ccl_weight', 'identity_weight', 'oml_weight', 'dist_weight', 'warmup_epochs',
+                 'rampup_epochs'):
         if (getattr(args, name) or 0) < 0:
             raise UserError(f'--{name} must be 0 or more')
     if args.gan_slices < 0:
@@ -158,7 +165,7 @@ def check_arguments(args):
 def check_loss_weights(args):
     """The weights must leave something to train; an unset --oml_weight (None) counts as on."""
     oml = 1.0 if args.oml_weight is None else args.oml_weight
-    if not (args.adv_weight or args.ccl_weight or args.identity_weight or oml):
+    if not (args.adv_weight or args.ccl_weight or args.identity_weight or oml or args.dist_weight):
         raise UserError('all loss weights are 0: nothing to train; set --oml_weight or another weight above 0')
     if args.warmup_epochs > 0 and not oml:
         raise UserError('--warmup_epochs trains with the paired loss only, so it needs --oml_weight above 0')

@@ -5,6 +5,9 @@ Generator loss = adv * Adversarial + ccl * Cycle + identity * Identity + oml * M
   Cycle       = |G_BA(G_AB(A)) - A| + |G_AB(G_BA(B)) - B|
   Identity    = |G_AB(B) - B| + |G_BA(A) - A|
   Matching    = |G_AB(A) - B| + |G_BA(B) - A|          (the paired, "original matching" term)
+  Distribution = W(G_AB(A), B) + W(G_BA(B), A), W the mean |difference| of the two sorted sets of foreground
+                intensities: how far the fakes' intensity histogram is from the real other vendor's in the
+                same batch (unpaired data draws the batch's two vendors at matching depths, see VendorDraws)
 On data that is not all paired, A and B are drawn independently and Matching compares G_AB(A) with the
 vendor-B scan of the same slice, and G_BA(B) with the vendor-A one, over only the slices that have one (a
 single-vendor slice never enters it); it is 0 for a batch without such slices.
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TERMS = ('Adversarial', 'Cycle', 'Identity', 'Matching')
+TERMS = ('Adversarial', 'Cycle', 'Identity', 'Matching', 'Distribution')
 DEFAULT_MATCHING_WEIGHT = 5.0  # the seed's --oml_weight, used where the flag is not given and the data has pairs
 
 
@@ -27,16 +30,17 @@ class LossWeights:
     ccl: float
     identity: float
     oml: float
+    dist: float = 0.0
 
     def weighted_total(self, terms):
-        return (self.adv * terms['Adversarial'] + self.ccl * terms['Cycle']
-                + self.identity * terms['Identity'] + self.oml * terms['Matching'])
+        return (self.adv * terms['Adversarial'] + self.ccl * terms['Cycle'] + self.identity * terms['Identity']
+                + self.oml * terms['Matching'] + self.dist * terms['Distribution'])
 
 
 def full_weights(args):
     """The flags' weights; an unset --oml_weight (None, before the trainer has seen the data) is the seed's."""
     oml = DEFAULT_MATCHING_WEIGHT if args.oml_weight is None else args.oml_weight
-    return LossWeights(args.adv_weight, args.ccl_weight, args.identity_weight, oml)
+    return LossWeights(args.adv_weight, args.ccl_weight, args.identity_weight, oml, getattr(args, 'dist_weight', 0.0))
 
 
 def scheduled_weights(args, epoch_progress):
@@ -49,7 +53,7 @@ def scheduled_weights(args, epoch_progress):
         ramp = min(1.0, (epoch_progress - args.warmup_epochs) / args.rampup_epochs)
     else:
         ramp = 1.0
-    return LossWeights(full.adv * ramp, full.ccl * ramp, full.identity * ramp, full.oml)
+    return LossWeights(full.adv * ramp, full.ccl * ramp, full.identity * ramp, full.oml, full.dist * ramp)
 
 
 def lazy_weights(weights, step, every):
@@ -58,7 +62,8 @@ def lazy_weights(weights, step, every):
     if every <= 1:
         return weights
     scale = 0.0 if step % every else float(every)
-    return LossWeights(weights.adv * scale, weights.ccl * scale, weights.identity * scale, weights.oml)
+    return LossWeights(weights.adv * scale, weights.ccl * scale, weights.identity * scale, weights.oml,
+                       weights.dist * scale)
 
 
 def _bce_to(logits, target):
@@ -109,7 +114,7 @@ def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1
     """
     zero = real_A.new_zeros((), dtype=torch.float32)
     terms = dict.fromkeys(TERMS, zero)
-    need_fakes = bool(weights.adv or weights.ccl or weights.oml)
+    need_fakes = bool(weights.adv or weights.ccl or weights.oml or weights.dist)
     fake_A = fake_B = None
     if need_fakes and weights.identity:
         fake_B, same_B = _run(G_AB, real_A, real_B)
@@ -132,7 +137,22 @@ def generator_losses(real_A, real_B, G_AB, G_BA, D_A, D_B, weights, real_label=1
     elif weights.oml:
         terms['Matching'] = (_masked_l1(fake_B, matching.target_B, matching.has_B)
                              + _masked_l1(fake_A, matching.target_A, matching.has_A))
+    if weights.dist:
+        terms['Distribution'] = (_sorted_foreground_l1(fake_B, real_A, real_B)
+                                 + _sorted_foreground_l1(fake_A, real_B, real_A))
     return terms, fake_A, fake_B
+
+
+def _sorted_foreground_l1(fake, source, real):
+    """Mean |difference| of the sorted intensities of fake (where source is foreground) and of real (where it is
+    foreground), the larger set taken at the smaller's quantiles: a 1-D Wasserstein distance, differentiable."""
+    fake, real = fake.float()[source > -1], real.float()[real > -1]
+    if not (fake.numel() and real.numel()):
+        return source.new_zeros((), dtype=torch.float32)
+    fake, real = torch.sort(fake).values, torch.sort(real).values
+    n = min(len(fake), len(real))
+    at = lambda values: values[torch.linspace(0, len(values) - 1, n, device=values.device).round().long()]  # noqa: E731
+    return (at(fake) - at(real)).abs().mean()
 
 
 def discriminator_loss(D, real, fake, real_label=1.0):

@@ -9,7 +9,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-LOSS_TERMS = ('Total', 'Adversarial', 'Cycle', 'Identity', 'Matching', 'Discriminator')
+LOSS_TERMS = ('Total', 'Adversarial', 'Cycle', 'Identity', 'Matching', 'Distribution', 'Discriminator')
 METRIC_COLUMNS = ('Eval SSIM A2B', 'Eval PSNR A2B', 'Eval SSIM B2A', 'Eval PSNR B2A',
                   'Eval VendorDistance A2B', 'Eval Anatomy A2B', 'Eval VendorDistance B2A', 'Eval Anatomy B2A')
 LOSS_COLUMNS = (['epoch'] + [f'Train {term}' for term in LOSS_TERMS] + [f'Eval {term}' for term in LOSS_TERMS]
@@ -42,7 +42,7 @@ def append_epoch(path, row):
 def plot_losses(table, path):
     """One panel per loss term (train vs eval), then eval SSIM and PSNR against the epoch, or, for an eval set
     without pairs, the reference-free vendor distance and anatomy figures."""
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    fig, axes = plt.subplots(2, 5, figsize=(20, 7))
     with_pairs = table[['Eval SSIM A2B', 'Eval SSIM B2A']].notna().to_numpy().any() or \
         not table[['Eval VendorDistance A2B', 'Eval VendorDistance B2A']].notna().to_numpy().any()
     metrics = (('SSIM', 'SSIM'), ('PSNR', 'PSNR (dB)')) if with_pairs else \
@@ -53,6 +53,7 @@ def plot_losses(table, path):
         ax.set_title(term)
         ax.set_xlabel('epoch')
         ax.legend()
+    axes.flat[-1].axis('off')
     for ax, (metric, title) in zip(axes.flat[len(LOSS_TERMS):], metrics):
         ax.plot(table['epoch'], table[f'Eval {metric} A2B'], 'o-', label='A to B')
         ax.plot(table['epoch'], table[f'Eval {metric} B2A'], 's--', label='B to A')

@@ -125,7 +125,9 @@ class CycleGANTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(args.random_seed)
         if not self.train_set.all_paired:  # each vendor's pool drawn on its own
             pool_sizes = [len(pool) for pool in self.train_set.pool.values()]
-            self.train_sampler = VendorDraws(pool_sizes, args.random_seed, process.rank, process.world_size)
+            pool_depths = [[self.train_set.depths[i] for i in pool] for pool in self.train_set.pool.values()]
+            self.train_sampler = VendorDraws(pool_sizes, args.random_seed, process.rank, process.world_size,
+                                             pool_depths=pool_depths if args.match_depth else None)
         elif process.distributed:
             self.train_sampler = DistributedSampler(self.train_set, process.world_size, process.rank,
                                                     shuffle=True, seed=args.random_seed)

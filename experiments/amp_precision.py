@@ -1,18 +1,17 @@
 """train.py with one change to the precision of --amp, to find which layers mixed precision cannot train.
 
-    python benchmarks/amp_precision.py VARIANT [train.py flags]
+    python experiments/amp_precision.py VARIANT [train.py flags]
 
 VARIANT is one of:
   as_is              train.py unchanged (the generator's downsamplings in float32 under --amp)
   bf16_downsampling  the two downsamplings autocast like every other layer (the code before the fix)
   first_only         only the first downsampling in float32
-  fp16               bf16_downsampling in float16 with a grad scaler instead of bfloat16
   no_cudnn           bf16_downsampling without cuDNN (PyTorch's own kernels)
-  no_empty           bf16_downsampling, trained without the slices that are pure background
 
-This is how the --amp stall on CUDA was traced (see the README, "On a GPU"); with the demo data:
-    for v in as_is bf16_downsampling first_only fp16 no_cudnn no_empty; do
-        python benchmarks/amp_precision.py $v --amp -ex $v --data_root DATASET --device cuda \\
+On a GPU without bfloat16 (where --amp is float16 with a grad scaler), bf16_downsampling is the float16
+variant. docs/performance.md ("Kernels and precision") has the results; with the demo data:
+    for v in as_is bf16_downsampling first_only no_cudnn; do
+        python experiments/amp_precision.py $v --amp -ex $v --data_root DATASET --device cuda \\
             --total_epoch 2 --decay_epoch 1 --stop_after_epoch 1 --overwrite
     done
 """
@@ -20,67 +19,23 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from dataset import dataset  # noqa: E402
-from model import generator  # noqa: E402
-from utils import device as device_module  # noqa: E402
-from utils import trainer as trainer_module  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 
-VARIANTS = ('as_is', 'bf16_downsampling', 'first_only', 'fp16', 'no_cudnn', 'no_empty')
-
-
-def autocast_downsamplings(keep_first_in_float32=False):
-    """Let autocast run the generator's downsamplings (both, or all but the first) in reduced precision."""
-    float32_forward, autocast_forward = generator.Float32Conv2d.forward, nn.Conv2d.forward
-    build = generator.Generator.__init__
-
-    def init(self, *args, **kwargs):
-        build(self, *args, **kwargs)
-        downsamplings = [layer for layer in self.model if isinstance(layer, generator.Float32Conv2d)]
-        for index, layer in enumerate(downsamplings):
-            layer.stays_float32 = keep_first_in_float32 and index == 0
-
-    def forward(self, x):
-        return (float32_forward if self.stays_float32 else autocast_forward)(self, x)
-
-    generator.Generator.__init__ = init
-    generator.Float32Conv2d.forward = forward
-
-
-def without_empty_training_slices():
-    build = dataset.Paired_Dataset.__init__
-
-    def init(self, *args, **kwargs):
-        build(self, *args, **kwargs)
-        if kwargs.get('split') == 'trainset':
-            if self.cache is None:
-                root = kwargs.get('data_root') or args[0]
-                raise UserError(f'no_empty needs the training slices cached in memory, and {root} is over the cache '
-                                'limit; run it on a smaller dataset (fewer subjects)')
-            keep = [i for i in range(len(self.paths)) if (self.cache[i] > -1).any()]
-            print(f'no_empty: training on {len(keep)} of {len(self.paths)} slices')
-            self.paths, self.cache = [self.paths[i] for i in keep], self.cache[keep]
-    dataset.Paired_Dataset.__init__ = init
+# variant -> how many of the generator's two downsamplings stay in float32 (model.generator.Generator)
+FLOAT32_DOWNSAMPLINGS = {'as_is': 2, 'bf16_downsampling': 0, 'first_only': 1, 'no_cudnn': 0}
 
 
 def main():
-    if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
-        sys.exit(f'usage: python benchmarks/amp_precision.py {{{",".join(VARIANTS)}}} [train.py flags]')
+    if len(sys.argv) < 2 or sys.argv[1] not in FLOAT32_DOWNSAMPLINGS:
+        sys.exit(f'usage: python experiments/amp_precision.py {{{",".join(FLOAT32_DOWNSAMPLINGS)}}} [train.py flags]')
     variant, train_argv = sys.argv[1], sys.argv[2:]
-    if variant != 'as_is':
-        autocast_downsamplings(keep_first_in_float32=variant == 'first_only')
-    if variant == 'fp16':
-        device_module.autocast_dtype = trainer_module.autocast_dtype = lambda device: torch.float16
     if variant == 'no_cudnn':
         torch.backends.cudnn.enabled = False
-    if variant == 'no_empty':
-        without_empty_training_slices()
-    run_cli(train.main, train_argv)
+    options = {'float32_downsamplings': FLOAT32_DOWNSAMPLINGS[variant]}
+    run_cli(lambda argv: train.main(argv, generator_options=options), train_argv)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 
+from model.generator import GENERATOR_FLAGS
 from utils.device import AMP_CHOICES
 from utils.errors import UserError
 
@@ -92,11 +93,11 @@ def build_parser():
                           'float16 with a grad scaler on older GPUs. "--amp" alone is "on" (an error where it '
                           'would be slow); "auto" uses it where it is fast and float32 elsewhere')
     run.add_argument('--channels_last', action='store_true',
-                     help='channels-last memory format (on an H200 it made these instance-normed networks slower: '
-                          'time it on your GPU with benchmarks/benchmark.py --channels_last first)')
+                     help='channels-last memory format (it can make these instance-normed networks slower, see '
+                          'docs/performance.md: time it on your GPU with benchmarks/benchmark.py --channels_last first)')
     run.add_argument('--compile', action='store_true',
-                     help='torch.compile the networks (GPU; compiling took about 90 s on an H200, so it pays only '
-                          'in long runs)')
+                     help='torch.compile the networks (GPU; compiling takes a minute or two, so it pays only in long '
+                          'runs: docs/performance.md)')
     run.add_argument('--overwrite', action='store_true', help='replace an existing experiment folder of the same name')
     run.add_argument('--resume', action='store_true', help='continue the experiment from its model/last.pth')
     run.add_argument('--stop_after_epoch', type=int, default=None,
@@ -156,8 +157,8 @@ def parse_arguments(argv=None):
     return check_arguments(build_parser().parse_args(argv))
 
 
-# Flags that fix the networks' shapes: a resumed run must keep them.
-ARCHITECTURE_FLAGS = ('ngf', 'n_res_blocks', 'ndf', 'vendor1', 'vendor2')
+# Flags that fix the networks' shapes and roles: a resumed run must keep them.
+ARCHITECTURE_FLAGS = (*GENERATOR_FLAGS, 'ndf', 'vendor1', 'vendor2')
 
 
 def save_arguments(args, path):

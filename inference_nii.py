@@ -82,7 +82,7 @@ def load_generator(experiment_dir, src_vendor, trg_vendor, epoch, device):
                 epoch = f'best (epoch {json.load(f)["A2B" if src_vendor == vendors[0] else "B2A"]["epoch"]})'
         except (OSError, ValueError, KeyError, TypeError):
             epoch = 'best'
-    generator = load_generator_checkpoint(path, arguments)
+    generator = load_generator_checkpoint(path, arguments, arguments_path)
     return generator.to(device).eval(), epoch
 
 

@@ -279,7 +279,8 @@ def test_float32_downsamplings_puts_only_the_downsamplings_back_in_autocast(floa
     """experiments/amp_precision.py's variants: both downsamplings, the first only, or none stay in float32 under
     autocast; the weights keep their names, so any variant loads any checkpoint."""
     generator = Generator(ngf=8, n_res_blocks=1, float32_downsamplings=float32_downsamplings)
-    downsamplings = [layer for layer in generator.model if isinstance(layer, torch.nn.Conv2d) and layer.stride == (2, 2)]
+    downsamplings = [layer for layer in generator.model
+                     if isinstance(layer, torch.nn.Conv2d) and layer.stride == (2, 2)]
     assert len(downsamplings) == 2
     seen = []
     for layer in downsamplings:

@@ -98,9 +98,10 @@ def load_weights(path, module, state_dict=None, described_by='the network it is 
     return module
 
 
-def load_generator_checkpoint(path, arguments):
+def load_generator_checkpoint(path, arguments, arguments_path="the experiment's arguments.txt"):
     """The generator saved in `path`, rebuilt from the configuration stored with it; for a file written before
-    configurations were stored (a plain state_dict), from `arguments`, the experiment's arguments.txt as a dict."""
+    configurations were stored (a plain state_dict), from `arguments`, the experiment's arguments.txt as a dict
+    (read from `arguments_path`, which error messages name)."""
     state = read_checkpoint(path)
     if 'generator_config' in state:
         config = state['generator_config']
@@ -111,11 +112,11 @@ def load_generator_checkpoint(path, arguments):
         try:
             config = generator_config(arguments)
         except KeyError as missing:
-            raise UserError(f'{path} predates stored network configurations, and the experiment\'s arguments.txt '
-                            f'lacks {missing}, which it needs; add the --{missing.args[0]} it was trained with to '
-                            'arguments.txt') from None
+            flag = missing.args[0]
+            raise UserError(f'{path} predates stored network configurations, and {arguments_path} lacks {flag!r}, '
+                            f'which it needs; add the --{flag} it was trained with to it') from None
         state_dict = state
-        described_by = ("the generator described by the experiment's arguments.txt ("
+        described_by = (f'the generator described by {arguments_path} ('
                         + ', '.join(f'--{flag} {config[flag]}' for flag in GENERATOR_FLAGS) + ')')
     try:
         generator = build_generator(config)

@@ -1,7 +1,7 @@
 """Harmonization quality for a fixed training time: a train.py recipe against a paired-L1 model and baselines.
 
     python experiments/quality.py --minutes 10 @recipes/cpu.args
-    python experiments/quality.py --minutes 2 5 10 @recipes/cpu.args --ccl_weight 5   # flags after the recipe override it
+    python experiments/quality.py --minutes 2 5 10 @recipes/cpu.args --ccl_weight 5  # flags after the recipe override it
 
 For each time budget it trains (train.py --max_minutes) the recipe and a paired-L1 reference (the same
 flags, but only the original matching loss: no adversarial, cycle or identity term, no discriminator),

@@ -63,7 +63,7 @@ bench: venv
 	$(PY) benchmarks/benchmark.py --quick
 
 quality: venv $(DEMO)/nifti/.complete
-	$(PY) benchmarks/quality.py --data_dir $(DEMO)/nifti --minutes 10 @recipes/cpu.args
+	$(PY) experiments/quality.py --data_dir $(DEMO)/nifti --minutes 10 @recipes/cpu.args
 
 clean-demo:
 	rm -rf $(DEMO) results/$(EXP) results/$(EXP)-unpaired

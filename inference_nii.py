@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.generator import Generator
 from utils.arguments import CliParser, load_arguments
-from utils.checkpoint import generator_filename, load_weights, saved_generator_epochs, vendor_tags
+from utils.checkpoint import generator_filename, load_generator_checkpoint, saved_generator_epochs, vendor_tags
 from utils.cpu_memory import keep_freed_memory
 from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp
 from utils.errors import UserError, run_cli
@@ -53,14 +52,14 @@ device = 'auto'                               # auto, cpu, cuda or mps
 # ----------------------------------------------------------------------------------------------------
 
 def load_generator(experiment_dir, src_vendor, trg_vendor, epoch, device):
-    """The src->trg generator of an experiment, rebuilt from its arguments.txt; returns (network, epoch used)."""
+    """The src->trg generator of an experiment, rebuilt from the configuration stored with it (older checkpoints:
+    from the experiment's arguments.txt, which also names the vendors); returns (network, epoch used)."""
     if not os.path.isdir(experiment_dir):
         raise UserError(f'{experiment_dir}: no such experiment; check --experiment/--save_dir (or target_experiment)')
     arguments_path = os.path.join(experiment_dir, 'arguments.txt')
     arguments = load_arguments(arguments_path)
-    needed = ('vendor1', 'vendor2', 'ngf', 'n_res_blocks')
-    if not isinstance(arguments, dict) or not all(key in arguments for key in needed):
-        raise UserError(f'{arguments_path} lacks {", ".join(needed)}; it was not written by this train.py')
+    if not isinstance(arguments, dict) or not {'vendor1', 'vendor2'} <= set(arguments):
+        raise UserError(f'{arguments_path} lacks vendor1 and vendor2; it was not written by this train.py')
     vendors = (arguments['vendor1'], arguments['vendor2'])
     if src_vendor not in vendors or trg_vendor not in vendors or src_vendor == trg_vendor:
         raise UserError(f'{experiment_dir} was trained on {vendors[0]} and {vendors[1]}; '
@@ -85,9 +84,7 @@ def load_generator(experiment_dir, src_vendor, trg_vendor, epoch, device):
                 epoch = f'best (epoch {json.load(f)["A2B" if src_vendor == vendors[0] else "B2A"]["epoch"]})'
         except (OSError, ValueError, KeyError, TypeError):
             epoch = 'best'
-    generator = Generator(ngf=arguments['ngf'], n_res_blocks=arguments['n_res_blocks'],
-                          input_skip=arguments.get('input_skip', False))
-    load_weights(path, generator)
+    generator = load_generator_checkpoint(path, arguments, arguments_path)
     return generator.to(device).eval(), epoch
 
 

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=4 train.py -ex NAME ...               # several GPUs (or nodes)
     python train.py -ex NAME ... --resume                           # continue from results/NAME/model/last.pth
 
-Writes results/NAME/{arguments.txt, dataset_info.json, loss/, model/, sample/}.
+Writes results/NAME/{arguments.txt, dataset_info.json, summary.json, loss/, model/, sample/}; summary.json
+(steps, seconds of training steps, the last epoch's eval metrics, the best epochs) is rewritten after each epoch.
 """
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 
 import torch
 
+from model.generator import generator_config
 from utils.arguments import ARCHITECTURE_FLAGS, parse_arguments, save_arguments
 from utils.cpu_memory import keep_freed_memory
 from utils.device import amp_description, pick_device
@@ -31,12 +33,18 @@ def load_resume_state(args, experiment_dir):
     except Exception as error:
         raise UserError(f'--resume: {path} cannot be loaded ({type(error).__name__}); '
                         'it is not a training state written by train.py') from None
+    not_a_state = UserError(f'--resume: {path} is not a training state written by train.py (a checkpoint copied '
+                            'over it?); start the experiment again without --resume')
     if not (isinstance(state, dict) and {'epoch', 'networks', 'args'} <= set(state)):
-        raise UserError(f'--resume: {path} is not a training state written by train.py (a checkpoint copied over '
-                        'it?); start the experiment again without --resume')
+        raise not_a_state
+    try:  # states written before the generator's configuration was stored have it in their flags only
+        trained = {'d_layers': 3,  # the only discriminator there was before --d_layers
+                   **state['args'], **(state.get('generator_config') or generator_config(state['args']))}
+    except (KeyError, TypeError):
+        raise not_a_state from None
     for flag in ARCHITECTURE_FLAGS:
-        if state['args'].get(flag) != getattr(args, flag):
-            raise UserError(f'--resume: --{flag} {getattr(args, flag)} differs from {state["args"].get(flag)} that '
+        if trained.get(flag) != getattr(args, flag):
+            raise UserError(f'--resume: --{flag} {getattr(args, flag)} differs from {trained.get(flag)} that '
                             f'{args.experiment} was trained with; drop the flag or start a new experiment')
     return state
 
@@ -58,7 +66,8 @@ def prepare_experiment_dir(args, experiment_dir):
         print(f'note: {dataset_info} not found: inference will leave outputs in the normalised [0, 1] scale')
 
 
-def main(argv=None):
+def main(argv=None, clock=None, generator_options=None):
+    """clock and generator_options go to CycleGANTrainer (experiments/ pass them; the command line does not)."""
     args = parse_arguments(argv)
     keep_freed_memory()
     process = setup_process_group(args.device)
@@ -72,7 +81,8 @@ def main(argv=None):
             check_writable_folder(args.save_dir, '--save_dir')
         state = load_resume_state(args, experiment_dir) if args.resume else None
 
-        trainer = CycleGANTrainer(args, device, experiment_dir, process)
+        trainer = CycleGANTrainer(args, device, experiment_dir, process, clock=clock,
+                                  generator_options=generator_options)
         if state is not None:
             try:
                 trainer.load_state(state)
@@ -97,7 +107,7 @@ def main(argv=None):
         if process.is_main:
             print(f'done after epoch {last_epoch} ({trainer.steps} steps, {trainer.train_seconds:.0f} s of training '
                   f'steps in this run): results in {experiment_dir}/ '
-                  f'(loss/loss.csv, loss/loss.png, model/, sample/)')
+                  f'(summary.json, loss/loss.csv, loss/loss.png, model/, sample/)')
     finally:
         teardown_process_group()
 

@@ -4,69 +4,64 @@
     python benchmarks/benchmark.py                   # longer, steadier figures, both network sizes
     python benchmarks/benchmark.py --quick --amp     # adds bfloat16-autocast entries (about twice the time)
 
-It measures, with the same networks, batch and precision on both sides:
-  training    samples/s of our step (utils.losses.generator_losses + discriminator_loss, as
-              CycleGANTrainer.step calls them) and of the original step (every generator pass run
-              separately; the discriminator step re-runs both generators without detach and back-propagates
-              through them), and their ratio train_step_speedup;
+Network sizes are train.py's: "default" its defaults, "cpu" the networks of recipes/cpu.args, both read through
+train.py's parser and built by CycleGANTrainer as train.py builds them. It measures, with the same networks,
+batch and precision on both sides:
+  training    samples/s of CycleGANTrainer.step (all four loss terms on the whole batch) and of the original
+              code's step (benchmarks/reference_step.py) on the same trainer's networks and optimizers, and
+              their ratio train_step_speedup;
   inference   slices/s of inference_nii.harmonize_slices in batches and one slice at a time, and their ratio
               batched_inference_speedup;
   efficiency  the generator's forward FLOPs per slice (FlopCounterMode, a multiply-add counts 2) and the
-              achieved GFLOP/s of the batched forward as a fraction of the measured float32 matmul rate
-              (matmul_fraction);
-  memory      peak memory: torch.cuda.max_memory_allocated per phase on CUDA, the process's peak RSS
-              (monotone over the run, so each phase's figure includes the ones before) elsewhere.
+              achieved GFLOP/s of the batched forward as a fraction of the measured matmul rate of the same
+              precision (matmul_fraction);
+  memory      peak memory: torch.cuda.max_memory_allocated per measurement on CUDA, the process's peak RSS
+              (monotone over the run, so each figure includes the ones before) elsewhere.
 
-Timed calls of the two things compared alternate (A, B, A, B, ...) so that load from other processes
-falls on both; each figure is the median of the timed repetitions after warm-up calls (matmul_fraction
-compares the best batched forward with the best matmul). Human-readable lines first; the last line
-printed is one JSON object with all the figures.
+Each timing is torch.utils.benchmark's blocked_autorange: one untimed warm-up call, then calls until
+--min_run_time seconds have passed; figures are medians (matmul_fraction compares the best batched forward
+with the best matmul). Human-readable lines first; the last line printed is one JSON object with all the figures.
 """
 import argparse
 import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.reference_step import reference_step  # noqa: E402
 from inference_nii import harmonize_slices  # noqa: E402
-from model.discriminator import Discriminator  # noqa: E402
-from model.generator import Generator  # noqa: E402
+from model.generator import build_generator, generator_config  # noqa: E402
+from utils.arguments import parse_arguments  # noqa: E402
 from utils.cpu_memory import keep_freed_memory  # noqa: E402
 from utils.device import amp_description, amp_supported, autocast, autocast_dtype, pick_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.losses import LossWeights, discriminator_loss, generator_losses  # noqa: E402
-from utils.trainer import init_weights, set_requires_grad  # noqa: E402
+from utils.losses import full_weights  # noqa: E402
+from utils.trainer import CycleGANTrainer, init_weights  # noqa: E402
 
-# The weights of train.py's defaults, all terms on (the state after warm-up and ramp-up).
-WEIGHTS = LossWeights(adv=1.0, ccl=5.0, identity=1.0, oml=5.0)
-REAL_LABEL = 1.0
-LEARNING_RATE = 2e-4
-MATMULS_PER_ROUND = 5
-
-
-@dataclass(frozen=True)
-class Size:
-    name: str
-    ngf: int
-    n_res_blocks: int
-    ndf: int
-
-    def describe(self):
-        return f'{self.name} (ngf {self.ngf}, {self.n_res_blocks} blocks, ndf {self.ndf})'
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'recipes', 'cpu.args')
+# network size -> train.py flags that give it
+SIZES = {'default': [], 'cpu': ['@' + RECIPE]}
+# the loss weights of train.py's defaults, all terms on (the state after warm-up and ramp-up)
+WEIGHTS = full_weights(parse_arguments(['-ex', 'benchmark']))
 
 
-SIZES = {'default': Size('default', 64, 9, 64),   # train.py's defaults
-         'cpu': Size('cpu', 16, 6, 16)}            # recipes/cpu.args
+def size_arguments(name):
+    """train.py's flags of a network size."""
+    return parse_arguments([*SIZES[name], '-ex', 'benchmark'])
+
+
+def describe(name):
+    args = size_arguments(name)
+    return (f'{name} (ngf {args.ngf}, {args.n_res_blocks} blocks{", input skip" if args.input_skip else ""}, '
+            f'ndf {args.ndf})')
 
 
 def build_parser():
@@ -74,8 +69,8 @@ def build_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto')
     parser.add_argument('--quick', action='store_true',
-                        help='few iterations, training only the CPU-sized networks (a default-network step takes '
-                             '17 s on an AVX2 2-core CPU): under 3 minutes on an idle 2-core CPU')
+                        help='short timings, training only the CPU-sized networks (a default-network step takes '
+                             'many seconds on a small CPU): under 3 minutes on an idle 2-core CPU')
     parser.add_argument('--amp', action='store_true',
                         help='also measure under utils.device.autocast (bfloat16 on CPU/recent GPUs): extra entries')
     parser.add_argument('--image_size', type=int, default=256, help='slices are IMAGE_SIZE x IMAGE_SIZE')
@@ -89,9 +84,9 @@ def build_parser():
                         help='harmonize_slices batch size (default 8 with --quick, else 16; 64 on CUDA)')
     parser.add_argument('--single_slices', type=int, default=None,
                         help='slices in the one-at-a-time loop (default 4 with --quick, else 8)')
-    parser.add_argument('--warmup', type=int, default=None, help='untimed calls first (default 1)')
-    parser.add_argument('--repeats', type=int, default=None,
-                        help='timed calls of each side (default 2 with --quick, else 4)')
+    parser.add_argument('--min_run_time', type=float, default=None,
+                        help='seconds of timed calls per measurement, after one warm-up call (default 4 with '
+                             '--quick, else 15)')
     parser.add_argument('--matmul_size', type=int, default=None, help='square matmul size (default 2048, 4096 on CUDA)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch\'s choice)')
     parser.add_argument('--channels_last', action='store_true',
@@ -108,50 +103,16 @@ def parse_sizes(text, option):
     unknown = [name for name in names if name not in SIZES]
     if unknown or not names:
         raise UserError(f'{option} {text}: choose from {", ".join(SIZES)}')
-    return [SIZES[name] for name in names]
+    return names
 
 
-# ---- clocks and memory ------------------------------------------------------------------------------
+# ---- timing and memory ------------------------------------------------------------------------------
 def synchronize(device):
     """Wait for queued GPU work, so the clock reads the work's end and not its launch."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     elif device.type == 'mps':
         torch.mps.synchronize()
-
-
-def seconds(fn, device):
-    synchronize(device)
-    started = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - started
-
-
-def warm_up(fn, calls, device):
-    """Untimed calls (allocator, oneDNN/cuDNN algorithm choice); returns the peak memory they reached (MiB)."""
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(calls):
-        fn()
-    synchronize(device)
-    return peak_memory_mib(device)
-
-
-def alternate(fns, repeats, device):
-    """Seconds of each call of each function, the functions taking turns, and the CPU share of the rounds.
-
-    The share is this process's CPU time over wall time x threads: near 1 when it had the cores to itself
-    (idle OpenMP threads spin for a while before sleeping), well below when other processes took turns
-    on them, which inflates every timing and most of all those of many small ops.
-    """
-    times = [[] for _ in fns]
-    cpu_started, wall_started = time.process_time(), time.perf_counter()
-    for _ in range(repeats):
-        for fn, record in zip(fns, times):
-            record.append(seconds(fn, device))
-    share = (time.process_time() - cpu_started) / ((time.perf_counter() - wall_started) * torch.get_num_threads())
-    return times, share
 
 
 def peak_memory_mib(device):
@@ -163,147 +124,100 @@ def peak_memory_mib(device):
 
 def memory_kind(device):
     if device.type == 'cuda':
-        return 'torch.cuda.max_memory_allocated, per phase'
-    return 'process peak RSS (resource.getrusage), monotone over the run: includes earlier phases'
+        return 'torch.cuda.max_memory_allocated, per measurement'
+    return 'process peak RSS (resource.getrusage), monotone over the run: includes earlier measurements'
+
+
+def measure(fn, device, min_run_time):
+    """Seconds per call of fn (torch.utils.benchmark.Timer.blocked_autorange, on this process's threads), the
+    peak memory reached, and the CPU share: this process's CPU time over wall time x threads, near 1 when it
+    had the cores to itself, well below when other processes took turns on them (which slows every timing)."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = benchmark.Timer('fn(); synchronize(device)', globals={'fn': fn, 'synchronize': synchronize,
+                                                                   'device': device},
+                            num_threads=torch.get_num_threads())
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    share = (time.process_time() - cpu_started) / ((time.perf_counter() - wall_started) * torch.get_num_threads())
+    return measurement, peak_memory_mib(device), share
 
 
 # ---- networks and data ------------------------------------------------------------------------------
-def build_networks(size, device, memory_format):
-    """The trainer's four networks, initialised as it does (seeded, so every run times the same weights)."""
+def build_trainer(size, device, amp, channels_last):
+    """The CycleGANTrainer train.py builds for this size (seeded by its --random_seed, so every run times the
+    same weights), in the benchmark's precision and memory format, the CycleGAN terms on the whole batch as
+    in the original step. Writes nothing."""
+    args = size_arguments(size)
+    args.amp, args.channels_last, args.compile, args.gan_slices = 'on' if amp else 'off', channels_last, False, 0
+    return CycleGANTrainer(args, device, experiment_dir='', build_data=False)
+
+
+def inference_generator(size, device, memory_format):
+    """The generator of this size as training initialises it (seeded)."""
     torch.manual_seed(0)
-    nets = {'G_AB': Generator(ngf=size.ngf, n_res_blocks=size.n_res_blocks),
-            'G_BA': Generator(ngf=size.ngf, n_res_blocks=size.n_res_blocks),
-            'D_A': Discriminator(ndf=size.ndf), 'D_B': Discriminator(ndf=size.ndf)}
-    for net in nets.values():
-        net.apply(init_weights)
-        net.to(device, memory_format=memory_format)
-        net.train()
-    return nets
+    generator = build_generator(generator_config(size_arguments(size))).apply(init_weights)
+    return generator.to(device, memory_format=memory_format).eval()
 
 
-def build_optimizers(nets, device, amp):
-    """The trainer's two Adam optimizers and its GradScaler (active only for float16)."""
-    betas = (0.5, 0.999)
-    optimizer_G = torch.optim.Adam(list(nets['G_AB'].parameters()) + list(nets['G_BA'].parameters()),
-                                   lr=LEARNING_RATE, betas=betas)
-    optimizer_D = torch.optim.Adam(list(nets['D_A'].parameters()) + list(nets['D_B'].parameters()),
-                                   lr=LEARNING_RATE, betas=betas)
-    fp16 = amp and autocast_dtype(device) == torch.float16
-    return optimizer_G, optimizer_D, torch.amp.GradScaler(device.type, enabled=fp16)
-
-
-def random_slices(batch, image_size, device, memory_format):
+def random_slices(batch, image_size, device, memory_format, seed=0):
     """A batch of (batch, 1, H, W) images in [-1, 1], the generators' input range."""
-    images = torch.rand(batch, 1, image_size, image_size, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    images = torch.rand(batch, 1, image_size, image_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     return images.to(device).contiguous(memory_format=memory_format)
 
 
-# ---- the two training steps -------------------------------------------------------------------------
-def project_step(nets, optimizers, real_A, real_B, device, amp):
-    """CycleGANTrainer.step on plain networks (no torch.compile/DDP): the same calls in the same order."""
-    optimizer_G, optimizer_D, scaler = optimizers
-    D_A, D_B = nets['D_A'], nets['D_B']
-    set_requires_grad([D_A, D_B], False)
-    with autocast(device, amp):
-        terms, fake_A, fake_B = generator_losses(real_A, real_B, nets['G_AB'], nets['G_BA'], D_A, D_B,
-                                                 WEIGHTS, REAL_LABEL)
-        loss_G = WEIGHTS.weighted_total(terms)
-    optimizer_G.zero_grad(set_to_none=True)
-    scaler.scale(loss_G).backward()
-    scaler.step(optimizer_G)
-    set_requires_grad([D_A, D_B], True)
-    with autocast(device, amp):
-        loss_D = (discriminator_loss(D_A, real_A, fake_A, REAL_LABEL)
-                  + discriminator_loss(D_B, real_B, fake_B, REAL_LABEL))
-    optimizer_D.zero_grad(set_to_none=True)
-    scaler.scale(loss_D).backward()
-    scaler.step(optimizer_D)
-    scaler.update()
+# ---- training: CycleGANTrainer.step against the original step --------------------------------------
+def training_calls(trainer, real_A, real_B):
+    """(ours, reference): one call each is one training step on the trainer's networks and optimizers."""
+    def ours():
+        trainer.step(real_A, real_B, WEIGHTS)
 
-
-def bce_to(logits, target):
-    logits = logits.float()
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
-
-
-def l1(a, b):
-    return F.l1_loss(a.float(), b.float())
-
-
-def reference_step(nets, optimizers, real_A, real_B, device, amp):
-    """The original step: each generator pass on its own; the discriminators are not frozen during the
-    generator step; the discriminator step re-runs G_AB(A) and G_BA(B) without detach, scores real and
-    fake separately, and its backward goes through both generators (whose gradients are then unused)."""
-    optimizer_G, optimizer_D, scaler = optimizers
-    G_AB, G_BA, D_A, D_B = nets['G_AB'], nets['G_BA'], nets['D_A'], nets['D_B']
-    with autocast(device, amp):
-        fake_B, fake_A = G_AB(real_A), G_BA(real_B)
-        adversarial = bce_to(D_B(fake_B), REAL_LABEL) + bce_to(D_A(fake_A), REAL_LABEL)
-        cycle = l1(G_BA(fake_B), real_A) + l1(G_AB(fake_A), real_B)
-        identity = l1(G_AB(real_B), real_B) + l1(G_BA(real_A), real_A)
-        matching = l1(fake_B, real_B) + l1(fake_A, real_A)
-        loss_G = (WEIGHTS.adv * adversarial + WEIGHTS.ccl * cycle + WEIGHTS.identity * identity
-                  + WEIGHTS.oml * matching)
-    optimizer_G.zero_grad(set_to_none=True)
-    scaler.scale(loss_G).backward()
-    scaler.step(optimizer_G)
-    with autocast(device, amp):
-        fake_B, fake_A = G_AB(real_A), G_BA(real_B)
-        loss_D = (bce_to(D_A(real_A), REAL_LABEL) + bce_to(D_A(fake_A), 0.0)
-                  + bce_to(D_B(real_B), REAL_LABEL) + bce_to(D_B(fake_B), 0.0))
-    optimizer_D.zero_grad(set_to_none=True)
-    scaler.scale(loss_D).backward()
-    scaler.step(optimizer_D)
-    scaler.update()
+    def reference():
+        reference_step(trainer.nets, trainer.optimizer_G, trainer.optimizer_D, trainer.scaler, real_A, real_B,
+                       WEIGHTS, trainer.args.real_label, trainer.device, trainer.amp)
+    return ours, reference
 
 
 def training_flops(size, config):
     """FLOPs per sample of our step and of the reference step (forward and backward; counted on the meta
     device, so nothing is computed). Their ratio is the speedup to expect where every FLOP costs the same."""
-    meta = torch.device('meta')
-    with meta:
-        nets = build_networks(size, meta, torch.contiguous_format)
-        real_A = torch.empty(config.train_batch, 1, config.image_size, config.image_size)
-        real_B = torch.empty_like(real_A)
+    trainer = build_trainer(size, torch.device('meta'), amp=False, channels_last=False)
+    trainer.device = torch.device('cpu')  # for its autocast(), which has no meta device; nothing runs on the CPU
+    real_A = torch.empty(config.train_batch, 1, config.image_size, config.image_size, device='meta')
     flops = []
-    for step in (project_step, reference_step):
-        optimizers = build_optimizers(nets, torch.device('cpu'), amp=False)
+    for step in training_calls(trainer, real_A, torch.empty_like(real_A)):
         counter = FlopCounterMode(display=False)
         with counter:
-            step(nets, optimizers, real_A, real_B, torch.device('cpu'), amp=False)
+            step()
         flops.append(counter.get_total_flops() / config.train_batch)
     return flops
 
 
-def measure_training(size, config, device, amp, memory_format):
+def measure_training(size, config, device, amp, channels_last):
     """Samples/s of our step and of the reference step, same networks, optimizers, batch and precision."""
-    nets = build_networks(size, device, memory_format)
-    optimizers = build_optimizers(nets, device, amp)
-    real_A = random_slices(config.train_batch, config.image_size, device, memory_format)
-    real_B = random_slices(config.train_batch + 1, config.image_size, device, memory_format)[1:]
-    ours = lambda: project_step(nets, optimizers, real_A, real_B, device, amp)  # noqa: E731
-    reference = lambda: reference_step(nets, optimizers, real_A, real_B, device, amp)  # noqa: E731
-    # Ours warms up first: on the CPU the peak RSS is monotone, so its figure is ours alone.
-    memory_ours = warm_up(ours, config.warmup, device)
-    memory_reference = warm_up(reference, config.warmup, device)
-    (times_ours, times_reference), cpu_share = alternate([ours, reference], config.repeats, device)
-    step_ours, step_reference = statistics.median(times_ours), statistics.median(times_reference)
+    trainer = build_trainer(size, device, amp, channels_last)
+    real_A = random_slices(config.train_batch, config.image_size, device, trainer.memory_format, seed=1)
+    real_B = random_slices(config.train_batch, config.image_size, device, trainer.memory_format, seed=2)
+    ours, reference = training_calls(trainer, real_A, real_B)
+    # ours first: on the CPU the peak RSS is monotone, so its figure is ours alone
+    time_ours, memory_ours, share_ours = measure(ours, device, config.min_run_time)
+    time_reference, memory_reference, share_reference = measure(reference, device, config.min_run_time)
     return {
-        'size': size.name, 'ngf': size.ngf, 'n_res_blocks': size.n_res_blocks, 'ndf': size.ndf,
+        'size': size, 'generator_config': trainer.nets['G_AB'].config, 'ndf': trainer.args.ndf,
         'image_size': config.image_size, 'batch': config.train_batch, 'precision': amp_description(amp, device),
-        'ours_step_s': step_ours, 'reference_step_s': step_reference,
-        'ours_step_s_all': times_ours, 'reference_step_s_all': times_reference,
-        'train_samples_per_s': config.train_batch / step_ours,
-        'reference_samples_per_s': config.train_batch / step_reference,
-        'train_step_speedup': step_reference / step_ours,
+        'ours_step_s': time_ours.median, 'reference_step_s': time_reference.median,
+        'ours_step_s_all': time_ours.times, 'reference_step_s_all': time_reference.times,
+        'train_samples_per_s': config.train_batch / time_ours.median,
+        'reference_samples_per_s': config.train_batch / time_reference.median,
+        'train_step_speedup': time_reference.median / time_ours.median,
         'peak_memory_mib_ours': memory_ours, 'peak_memory_mib_reference': memory_reference,
-        'cpu_share': cpu_share,
+        'cpu_share': min(share_ours, share_reference),
     }
 
 
 def describe_training_flops(size, config):
     ours, reference = training_flops(size, config)
-    print(f'training step FLOPs per sample, {size.name} networks: ours {ours / 1e9:.0f} GFLOP, reference '
+    print(f'training step FLOPs per sample, {size} networks: ours {ours / 1e9:.0f} GFLOP, reference '
           f'{reference / 1e9:.0f} GFLOP (ratio {reference / ours:.2f}: the speedup where every FLOP costs the same)')
     return {'ours_gflop_per_sample': ours / 1e9, 'reference_gflop_per_sample': reference / 1e9,
             'flop_ratio': reference / ours}
@@ -313,7 +227,7 @@ def describe_training_flops(size, config):
 def forward_flops(size, image_size):
     """FLOPs of one generator forward on one slice, counted on the meta device (nothing is computed)."""
     with torch.device('meta'):
-        generator = Generator(ngf=size.ngf, n_res_blocks=size.n_res_blocks)
+        generator = build_generator(generator_config(size_arguments(size)))
         image = torch.empty(1, 1, image_size, image_size)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -321,53 +235,38 @@ def forward_flops(size, image_size):
     return counter.get_total_flops()
 
 
-def matmul_operands(n, dtype, device):
+def matmul_rate(n, dtype, device, min_run_time):
+    """Best GFLOP/s of an n x n matmul in dtype (2 n^3 FLOPs)."""
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn(n, n, generator=generator).to(device, dtype),
-            torch.randn(n, n, generator=generator).to(device, dtype))
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
+    measurement, _, _ = measure(lambda: torch.matmul(a, b), device, min_run_time)
+    return 2 * n ** 3 / min(measurement.times) / 1e9
 
 
-def matmul_rate(n, dtype, device, calls):
-    """Best GFLOP/s of an n x n matmul in dtype (2 n^3 FLOPs) over several calls after one warm-up."""
-    a, b = matmul_operands(n, dtype, device)
-    torch.matmul(a, b)
-    best = min(seconds(lambda: torch.matmul(a, b), device) for _ in range(calls))
-    return 2 * n ** 3 / best / 1e9
-
-
-def measure_inference(size, config, device, amp, memory_format, flops, matmul_dtype):
+def measure_inference(size, config, device, amp, memory_format, flops):
     """harmonize_slices slices/s in batches and one slice at a time, and the batched forward's GFLOP/s."""
-    generator = build_networks(size, device, memory_format)['G_AB'].eval()
+    generator = inference_generator(size, device, memory_format)
     slices = np.random.default_rng(0).random((config.infer_batch, config.image_size, config.image_size),
                                              dtype=np.float32)
     single = slices[:config.single_slices]
-    batched_call = lambda: harmonize_slices(generator, slices, config.infer_batch, device, amp)  # noqa: E731
-    single_call = lambda: harmonize_slices(generator, single, 1, device, amp)  # noqa: E731
-    memory_single = warm_up(single_call, config.warmup, device)
-    memory_batched = warm_up(batched_call, config.warmup, device)
-    # A few matmuls each round give the matmul rate under the same load as the forward (a diagnostic:
-    # matmul_fraction itself compares the best forward with the best matmul, as on an idle machine).
-    square = matmul_operands(config.matmul_n, matmul_dtype, device)
-    matmuls = lambda: [torch.matmul(*square) for _ in range(MATMULS_PER_ROUND)]  # noqa: E731
-    matmuls()
-    (times_batched, times_single, times_matmul), cpu_share = alternate([batched_call, single_call, matmuls],
-                                                                        config.repeats, device)
-    batched_rate = len(slices) / statistics.median(times_batched)
-    single_rate = len(single) / statistics.median(times_single)
+    time_single, memory_single, share_single = measure(lambda: harmonize_slices(generator, single, 1, device, amp),
+                                                       device, config.min_run_time)
+    time_batched, memory_batched, share_batched = measure(
+        lambda: harmonize_slices(generator, slices, config.infer_batch, device, amp), device, config.min_run_time)
+    batched_rate = len(slices) / time_batched.median
+    single_rate = len(single) / time_single.median
     return {
-        'size': size.name, 'ngf': size.ngf, 'n_res_blocks': size.n_res_blocks, 'image_size': config.image_size,
+        'size': size, 'generator_config': generator.config, 'image_size': config.image_size,
         'batch': config.infer_batch, 'precision': amp_description(amp, device),
         'inference_slices_per_s': batched_rate, 'single_slices_per_s': single_rate,
         'batched_inference_speedup': batched_rate / single_rate,
-        'batched_call_s_all': times_batched, 'single_loop_s_all': times_single,
+        'batched_call_s_all': time_batched.times, 'single_loop_s_all': time_single.times,
         'forward_gflop_per_slice': flops / 1e9,
         'forward_gflops_median': batched_rate * flops / 1e9,
-        'forward_gflops_best': len(slices) / min(times_batched) * flops / 1e9,
-        'single_forward_gflops_best': len(single) / min(times_single) * flops / 1e9,
-        'matmul_gflops_same_rounds': MATMULS_PER_ROUND * 2 * config.matmul_n ** 3
-                                     / statistics.median(times_matmul) / 1e9,
+        'forward_gflops_best': len(slices) / min(time_batched.times) * flops / 1e9,
+        'single_forward_gflops_best': len(single) / min(time_single.times) * flops / 1e9,
         'peak_memory_mib_single': memory_single, 'peak_memory_mib_batched': memory_batched,
-        'cpu_share': cpu_share,
+        'cpu_share': min(share_single, share_batched),
     }
 
 
@@ -391,7 +290,7 @@ def layer_kind(name, shapes):
 
 def profile_forward(size, config, device, amp, memory_format):
     """Self time of one batched generator forward, grouped by layer kind, as (group, ms per slice, share) rows."""
-    generator = build_networks(size, device, memory_format)['G_AB'].eval()
+    generator = inference_generator(size, device, memory_format)
     images = random_slices(config.infer_batch, config.image_size, device, memory_format)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
@@ -432,7 +331,7 @@ def skipped_parts(device):
     if device.type != 'cuda':
         reason = 'not present' if not torch.cuda.is_available() else f'present but --device {device.type}'
         skipped.append(f'CUDA: {reason}, skipped GPU timings (cudnn.benchmark, channels_last on GPU, '
-                       'torch.cuda.max_memory_allocated per phase; peak RSS used instead)')
+                       'torch.cuda.max_memory_allocated per measurement; peak RSS used instead)')
     if device.type == 'cpu':
         skipped.append('MPS: not measured (CPU run)')
     return skipped
@@ -445,20 +344,24 @@ def print_table(title, header, rows):
         print('  ' + '  '.join(str(cell).rjust(width) for cell, width in zip(row, widths)))
 
 
+def network_scale(entry):
+    return entry['generator_config']['ngf'] * entry['generator_config']['n_res_blocks']
+
+
 def summarize(entries, matmul, amp):
     """The headline figures: the largest trained size, and the default generator at inference."""
     training = [e for e in entries['training'] if (e['precision'] != 'float32') == amp]
     inference = [e for e in entries['inference'] if (e['precision'] != 'float32') == amp]
     summary = {}
     if training:
-        train = max(training, key=lambda e: e['ngf'] * e['n_res_blocks'])
+        train = max(training, key=network_scale)
         summary.update(train_step_speedup=train['train_step_speedup'],
                        train_samples_per_s=train['train_samples_per_s'],
                        reference_train_samples_per_s=train['reference_samples_per_s'],
                        train_measured_at=f'{train["size"]} networks, {train["image_size"]}x{train["image_size"]}, '
                                          f'batch {train["batch"]}, {train["precision"]}')
     if inference:
-        infer = max(inference, key=lambda e: e['ngf'] * e['n_res_blocks'])
+        infer = max(inference, key=network_scale)
         rate = matmul[matmul_dtype_of(infer['precision'])]
         summary.update(batched_inference_speedup=infer['batched_inference_speedup'],
                        inference_slices_per_s=infer['inference_slices_per_s'],
@@ -476,17 +379,16 @@ def print_report(entries, matmul, config, device):
     share_header = ['CPU share'] if device.type == 'cpu' else []
     share = lambda e: [f'{e["cpu_share"]:.0%}'] if device.type == 'cpu' else []  # noqa: E731
     print_table(f'inference: harmonize_slices, {config.image_size}x{config.image_size}, one-by-one = batch size 1 '
-                f'(median of {config.repeats}; GFLOP/s of the best batched call)',
+                '(medians; GFLOP/s of the best batched call)',
                 ['size', 'precision', 'batch', 'batched sl/s', 'one-by-one sl/s', 'speedup', 'GFLOP/s',
-                 'of best matmul', 'of matmul same rounds', 'one-by-one of best matmul', 'peak MiB', *share_header],
+                 'of best matmul', 'one-by-one of best matmul', 'peak MiB', *share_header],
                 [[e['size'], e['precision'], e['batch'], f'{e["inference_slices_per_s"]:.2f}',
                   f'{e["single_slices_per_s"]:.2f}', f'{e["batched_inference_speedup"]:.2f}x',
                   f'{e["forward_gflops_best"]:.1f}',
                   f'{e["forward_gflops_best"] / matmul[matmul_dtype_of(e["precision"])]:.0%}',
-                  f'{e["forward_gflops_median"] / e["matmul_gflops_same_rounds"]:.0%}',
                   f'{e["single_forward_gflops_best"] / matmul[matmul_dtype_of(e["precision"])]:.0%}',
                   f'{e["peak_memory_mib_batched"]:.0f}', *share(e)] for e in entries['inference']])
-    print_table(f'training: one generator step + one discriminator step (median of {config.repeats})',
+    print_table('training: one generator step + one discriminator step (medians)',
                 ['size', 'precision', 'batch', 'ours samples/s', 'reference samples/s', 'speedup', 'ours s/step',
                  'ref s/step', 'peak MiB ours', 'peak MiB ref', *share_header],
                 [[e['size'], e['precision'], e['batch'], f'{e["train_samples_per_s"]:.3f}',
@@ -512,9 +414,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     keep_freed_memory()  # as train.py and inference_nii.py do
-    for option in ('image_size', 'train_batch', 'infer_batch', 'single_slices', 'repeats', 'matmul_size', 'threads'):
+    for option in ('image_size', 'train_batch', 'infer_batch', 'single_slices', 'matmul_size', 'threads'):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UserError(f'--{option} must be at least 1')
+    if args.min_run_time is not None and not args.min_run_time > 0:
+        raise UserError('--min_run_time must be positive')
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -527,14 +431,13 @@ def main(argv=None):
         train_batch=args.train_batch or (16 if device.type == 'cuda' else 2),
         infer_batch=args.infer_batch or (64 if device.type == 'cuda' else 8 if args.quick else 16),
         single_slices=args.single_slices or (4 if args.quick else 8),
-        warmup=args.warmup if args.warmup is not None else 1,
-        repeats=args.repeats or (2 if args.quick else 4))
+        min_run_time=args.min_run_time or (4.0 if args.quick else 15.0))
     config.single_slices = min(config.single_slices, config.infer_batch)
     train_sizes = parse_sizes(args.train_sizes or ('cpu' if args.quick else 'cpu,default'), '--train_sizes')
     infer_sizes = parse_sizes(args.infer_sizes, '--infer_sizes')
     amp = args.amp and amp_supported(device)
     precisions = [False, True] if amp else [False]
-    matmul_n = config.matmul_n = args.matmul_size or (4096 if device.type == 'cuda' else 2048)
+    matmul_n = args.matmul_size or (4096 if device.type == 'cuda' else 2048)
 
     print(f'device: {device} ({device_description(device)}), torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads, {os.cpu_count()} CPUs'
@@ -545,11 +448,11 @@ def main(argv=None):
                        'use a slow generic kernel; skipped the autocast entries')
     for line in skipped:
         print(line)
-    print(f'training at: {", ".join(s.describe() for s in train_sizes)}; {args.image_size}x{args.image_size}, '
-          f'batch {config.train_batch}; {config.warmup} warm-up + {config.repeats} timed steps per side')
-    print(f'inference at: {", ".join(s.describe() for s in infer_sizes)}; harmonize_slices with batch '
-          f'{config.infer_batch} vs batch 1 over {config.single_slices} slices; {config.warmup} warm-up + '
-          f'{config.repeats} timed calls per side')
+    print(f'training at: {", ".join(map(describe, train_sizes))}; {args.image_size}x{args.image_size}, '
+          f'batch {config.train_batch}; {config.min_run_time:g} s of timed steps per side after one warm-up step')
+    print(f'inference at: {", ".join(map(describe, infer_sizes))}; harmonize_slices with batch '
+          f'{config.infer_batch} vs batch 1 over {config.single_slices} slices; {config.min_run_time:g} s of timed '
+          'calls per side after one warm-up call')
     if device.type == 'cuda':
         # cuDNN convolutions may use TF32 in "float32" while matmuls do not, which lifts matmul_fraction.
         print(f'TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}; '
@@ -557,38 +460,38 @@ def main(argv=None):
 
     # Each precision's forward is compared with the matmul rate of its own dtype.
     matmul_dtypes = [torch.float32] + ([autocast_dtype(device)] if amp else [])
-    matmul = {dtype_name(dtype): matmul_rate(matmul_n, dtype, device, 5 if args.quick else 10)
+    matmul = {dtype_name(dtype): matmul_rate(matmul_n, dtype, device, config.min_run_time / 2)
               for dtype in matmul_dtypes}
     for name, rate in matmul.items():
         print(f'matmul {matmul_n}x{matmul_n} {name}: best {rate:.1f} GFLOP/s')
-    flops = {size.name: forward_flops(size, args.image_size) for size in {*train_sizes, *infer_sizes}}
+    flops = {size: forward_flops(size, args.image_size) for size in dict.fromkeys([*train_sizes, *infer_sizes])}
     for name, value in flops.items():
-        print(f'generator forward, {SIZES[name].describe()}: {value / 1e9:.2f} GFLOP per '
+        print(f'generator forward, {describe(name)}: {value / 1e9:.2f} GFLOP per '
               f'{args.image_size}x{args.image_size} slice (multiply-add = 2)')
 
-    training_gflop = {size.name: describe_training_flops(size, config) for size in train_sizes}
+    training_gflop = {size: describe_training_flops(size, config) for size in train_sizes}
 
     entries = {'inference': [], 'training': []}
     for amp in precisions:
         for size in infer_sizes:
-            entries['inference'].append(measure_inference(size, config, device, amp, memory_format, flops[size.name],
-                                                          autocast_dtype(device) if amp else torch.float32))
+            entries['inference'].append(measure_inference(size, config, device, amp, memory_format, flops[size]))
         for size in train_sizes:
-            entries['training'].append(measure_training(size, config, device, amp, memory_format))
+            entries['training'].append(measure_training(size, config, device, amp, args.channels_last))
 
     print_report(entries, matmul, config, device)
     profiles = {}
     if args.profile:
         for amp in precisions:
             for size in infer_sizes:
-                name = f'{size.name} {amp_description(amp, device)}'
+                name = f'{size} {amp_description(amp, device)}'
                 profiles[name] = profile_forward(size, config, device, amp, memory_format)
-                print_table(f'profile: one forward of the {size.name} generator, batch {config.infer_batch}, '
+                print_table(f'profile: one forward of the {size} generator, batch {config.infer_batch}, '
                             f'{amp_description(amp, device)} (self time)', ['layers', 'ms/slice', 'share'],
                             [[kind, f'{ms:.1f}', f'{share:.1%}'] for kind, ms, share in profiles[name]])
 
     result = {'device': str(device), 'device_name': device_description(device), 'torch': torch.__version__,
               'threads': torch.get_num_threads(), 'quick': args.quick, 'channels_last': args.channels_last,
+              'min_run_time_s': config.min_run_time,
               **summarize(entries, matmul, amp=False),
               'matmul_gflops': matmul, 'matmul_size': matmul_n,
               'forward_gflop_per_slice': {name: value / 1e9 for name, value in flops.items()},

@@ -1,15 +1,24 @@
-"""ResNet generator of the CycleGAN paper (Zhu et al. 2017), for single-channel MRI slices."""
+"""ResNet generator of the CycleGAN paper (Zhu et al. 2017), for single-channel MRI slices, and the one way to
+build it from a configuration (stored with every checkpoint, see utils/checkpoint.py)."""
+import argparse
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# train.py's flags that shape the generator; its channels are not flags (one MRI contrast in, one out)
+GENERATOR_FLAGS = ('ngf', 'n_res_blocks', 'input_skip')
+GENERATOR_CONFIG_KEYS = ('in_channels', 'out_channels', *GENERATOR_FLAGS)
+# what experiments written before a key existed were trained with
+CONFIG_DEFAULTS = {'in_channels': 1, 'out_channels': 1, 'input_skip': False}
 
 
 class ShiftAddConv2d(nn.Conv2d):
     """nn.Conv2d (stride 1, no padding) for layers with many input and few output channels, such as the
     generator's last 7x7 64->1 convolution, computed on the CPU as a 1x1 convolution to one map per kernel
     tap, then the maps shifted and summed. Same parameters, result and multiply-adds, but one large matrix
-    multiply: 8 ms instead of 45 ms for that layer on one 256x256 slice (2-core CPU), and 3x faster
-    backward. Other devices use the library kernel.
+    multiply, which the CPU runs several times faster than the library's kernel for this shape
+    (docs/performance.md, "Kernels and precision"). Other devices use the library kernel.
     """
 
     def forward(self, x):
@@ -30,12 +39,9 @@ class ShiftAddConv2d(nn.Conv2d):
 class Float32Conv2d(nn.Conv2d):
     """nn.Conv2d computed in float32 under autocast (--amp): the generator's two downsamplings.
 
-    Measured on an H200 with the seed's defaults (demo data, one epoch): with these two layers in
-    bfloat16 or in float16, training stalled at an eval PSNR of 16 dB where float32 reached 24 dB, with
-    or without cuDNN and whether or not the pure-background slices were left out; with only the first in
-    float32, one direction still stalled. With both in float32 the rest of the generator trains in
-    bfloat16 to the float32 figures (benchmarks/amp_precision.py reruns these variants). They are about 5%
-    of the generator's multiply-adds.
+    In bfloat16 or float16 these two layers stalled GPU training far below float32 while the rest of the
+    generator trains in bfloat16 to the float32 figures (docs/performance.md, "Kernels and precision";
+    experiments/amp_precision.py reruns the variants). They are about 5% of the generator's multiply-adds.
     """
 
     def forward(self, x):
@@ -73,10 +79,17 @@ class Generator(nn.Module):
     convolution and a ReLU: a learned intensity curve) to the last convolution's input. Without them the
     network cannot see intensity levels: the instance normalisation after the first convolution gives a
     slice and any a * x + b (a > 0) of it the same output, so it must guess them from the anatomy.
+
+    float32_downsamplings (2: both, as trained) is how many of the two downsamplings, from the first, stay in
+    float32 under autocast; fewer only to rerun the precision experiment (experiments/amp_precision.py). It
+    changes no weight, so it is not part of the configuration stored with checkpoints.
     """
 
-    def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9, input_skip=False):
+    def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9, input_skip=False,
+                 float32_downsamplings=2):
         super().__init__()
+        self.config = {'in_channels': in_channels, 'out_channels': out_channels, 'ngf': ngf,
+                       'n_res_blocks': n_res_blocks, 'input_skip': input_skip}
         layers = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, 7),
@@ -84,9 +97,10 @@ class Generator(nn.Module):
             nn.ReLU(inplace=True),
         ]
         channels = ngf
-        for _ in range(2):
+        for index in range(2):
+            downsampling = Float32Conv2d if index < float32_downsamplings else nn.Conv2d
             layers += [
-                Float32Conv2d(channels, channels * 2, 3, stride=2, padding=1),
+                downsampling(channels, channels * 2, 3, stride=2, padding=1),
                 nn.InstanceNorm2d(channels * 2),
                 nn.ReLU(inplace=True),
             ]
@@ -121,3 +135,17 @@ class Generator(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
             return self._run(x)[..., :height, :width]
         return self._run(x)
+
+
+def generator_config(arguments):
+    """The generator's configuration from train.py's flags: an argparse.Namespace, or the dict of an experiment's
+    arguments.txt (keys added since it was written take the value the experiment was trained with).
+    Raises KeyError naming the key when ngf or n_res_blocks is missing."""
+    values = vars(arguments) if isinstance(arguments, argparse.Namespace) else arguments
+    return {key: values[key] if key in values else CONFIG_DEFAULTS[key] for key in GENERATOR_CONFIG_KEYS}
+
+
+def build_generator(config, **options):
+    """A Generator of this configuration (generator_config's dict, or one read from a checkpoint); options are
+    Generator's arguments that change no weight (float32_downsamplings)."""
+    return Generator(**{key: config[key] for key in GENERATOR_CONFIG_KEYS}, **options)

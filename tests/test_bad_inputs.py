@@ -1237,8 +1237,11 @@ def arguments_txt_not_json(c):
 
 @case(INFER, 2)
 def arguments_txt_without_network_flags(c):
-    """An arguments.txt that is JSON but lacks the keys inference needs (an older or hand-edited file)."""
+    """An arguments.txt that is JSON but lacks the keys inference needs (an older or hand-edited file) for a
+    checkpoint written before the network's configuration was stored with it."""
     experiment_dir = c.copy_experiment()
+    checkpoint = os.path.join(experiment_dir, 'model', 'netG_S_to_P_epoch_2.pth')
+    torch.save(torch.load(checkpoint, weights_only=True)['state_dict'], checkpoint)
     path = os.path.join(experiment_dir, 'arguments.txt')
     with open(path) as f:
         arguments = json.load(f)

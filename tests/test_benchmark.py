@@ -1,5 +1,7 @@
-"""The benchmark scripts on tiny inputs: benchmark.py, amp_precision.py, step_cost.py and second_shift.py."""
+"""The speed benchmarks (benchmarks/benchmark.py, step_cost.py) and two experiment scripts (experiments/
+amp_precision.py, second_shift.py) on tiny inputs."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,12 +11,14 @@ import torch
 from scipy import ndimage
 
 from conftest import REPO, mni_t1
+from model.generator import generator_config
+from utils.arguments import parse_arguments
 from utils.device import amp_description, resolve_amp
 
 
 def test_benchmark_prints_the_figures_and_what_it_skipped():
     argv = ['--quick', '--device', 'cpu', '--image_size', '32', '--train_sizes', 'cpu', '--infer_sizes', 'cpu',
-            '--infer_batch', '4', '--single_slices', '2', '--repeats', '1', '--matmul_size', '256', '--amp']
+            '--infer_batch', '4', '--single_slices', '2', '--min_run_time', '0.01', '--matmul_size', '256', '--amp']
     done = subprocess.run([sys.executable, 'benchmarks/benchmark.py', *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -24,6 +28,10 @@ def test_benchmark_prints_the_figures_and_what_it_skipped():
         assert result[figure] > 0, figure
     assert result['device'] == 'cpu'
     assert result['forward_gflop_per_slice']['cpu'] > 0
+    # the "cpu" networks are recipes/cpu.args's, read through train.py's parser
+    recipe = parse_arguments(['@' + os.path.join(REPO, 'recipes', 'cpu.args'), '-ex', 'x'])
+    for entry in result['training'] + result['inference']:
+        assert entry['generator_config'] == generator_config(recipe)
     # the ratios are the ratios of the rates printed next to them
     assert abs(result['train_step_speedup'] - result['train_samples_per_s'] / result['reference_train_samples_per_s']) < 1e-6
     assert abs(result['batched_inference_speedup']
@@ -38,31 +46,9 @@ def test_benchmark_prints_the_figures_and_what_it_skipped():
         assert any(line.startswith('--amp') for line in result['skipped']) and 'amp' not in result
 
 
-def test_amp_precision_variants_put_only_the_downsamplings_back_in_bfloat16():
-    """benchmarks/amp_precision.py's variants change what they say: both downsamplings, or all but the first,
-    autocast to bfloat16; the unchanged generator keeps both in float32. Run apart: the variants patch classes."""
-    code = '''
-import sys, torch
-sys.path.insert(0, "benchmarks")
-import amp_precision
-from model.generator import Generator, Float32Conv2d
-if sys.argv[1] != "as_is":
-    amp_precision.autocast_downsamplings(keep_first_in_float32=sys.argv[1] == "first_only")
-generator, dtypes = Generator(ngf=8, n_res_blocks=1), []
-for layer in generator.model:
-    if isinstance(layer, Float32Conv2d):
-        layer.register_forward_hook(lambda m, i, o: dtypes.append(str(o.dtype).replace("torch.", "")))
-with torch.autocast("cpu", torch.bfloat16):
-    generator(torch.zeros(1, 1, 16, 16))
-print(" ".join(dtypes))
-'''
-    want = {'as_is': 'float32 float32', 'first_only': 'float32 bfloat16', 'bf16_downsampling': 'bfloat16 bfloat16'}
-    for variant, dtypes in want.items():
-        done = subprocess.run([sys.executable, '-c', code, variant], cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split() == dtypes.split(), variant
-    done = subprocess.run([sys.executable, 'benchmarks/amp_precision.py', 'bogus'], cwd=REPO, capture_output=True,
+def test_amp_precision_refuses_an_unknown_variant():
+    """The variants themselves are Generator(float32_downsamplings=...), tested in tests/test_models.py."""
+    done = subprocess.run([sys.executable, 'experiments/amp_precision.py', 'bogus'], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and 'usage' in done.stderr and 'Traceback' not in done.stderr
 
@@ -97,7 +83,7 @@ def test_second_shift_writes_a_pair_per_volume_and_refuses_to_replace_other_file
     out = tmp_path / 'out'
 
     def run(*flags):
-        return subprocess.run([sys.executable, 'benchmarks/second_shift.py', '--input_dir', str(source),
+        return subprocess.run([sys.executable, 'experiments/second_shift.py', '--input_dir', str(source),
                                '--output_dir', str(out), *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
     done = run()
     assert done.returncode == 0, done.stderr[-2000:]

@@ -137,7 +137,7 @@ def manual_harmonize(path, weights_path, scale, input_skip=False):
     data = nib.as_closest_canonical(image).get_fdata().astype(np.float32)
     unit = normalised(data).astype(np.float32)
     generator = Generator(ngf=8, n_res_blocks=2, input_skip=input_skip)
-    generator.load_state_dict(torch.load(weights_path, map_location='cpu', weights_only=True))
+    generator.load_state_dict(torch.load(weights_path, map_location='cpu', weights_only=True)['state_dict'])
     generator.eval()
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(unit, 2, 0)[:, None]))
@@ -272,8 +272,8 @@ def test_epoch_selection_loads_that_checkpoint(experiment, one_input, tmp_path, 
     if expected == 'best':
         best_epoch = experiment['best']['A2B']['epoch']
         assert 'best' in line and str(best_epoch) in line, line
-        best = torch.load(weights(experiment, 'SIEMENS', 'Philips', 'best'), weights_only=True)
-        same = torch.load(weights(experiment, 'SIEMENS', 'Philips', best_epoch), weights_only=True)
+        best = torch.load(weights(experiment, 'SIEMENS', 'Philips', 'best'), weights_only=True)['state_dict']
+        same = torch.load(weights(experiment, 'SIEMENS', 'Philips', best_epoch), weights_only=True)['state_dict']
         assert all(torch.equal(best[k], same[k]) for k in best)
     else:
         assert f'epoch {expected}' in line, line

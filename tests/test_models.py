@@ -270,3 +270,41 @@ def test_input_skip_adds_the_intensity_maps_and_keeps_the_seed_layout_without_it
     assert count(skip) - count(plain) == conv_params(1, ngf, 1) + ngf * 49
     assert not any(key.startswith(('intensity', 'head')) for key in plain.state_dict())
     assert {key.split('.')[0] for key in skip.state_dict()} == {'model', 'intensity', 'head'}
+
+
+def test_generator_config_from_flags_and_from_an_older_arguments_txt():
+    """The configuration comes from train.py's flags or an arguments.txt dict; one written before --input_skip
+    existed gives the seed's network; the configuration rebuilds a generator of the same shape."""
+    from model.generator import build_generator, generator_config
+    from utils.arguments import parse_arguments
+    args = parse_arguments(['-ex', 'x', '--ngf', '8', '--n_res_blocks', '1', '--input_skip'])
+    config = generator_config(args)
+    assert config == {'in_channels': 1, 'out_channels': 1, 'ngf': 8, 'n_res_blocks': 1, 'input_skip': True}
+    assert generator_config(vars(args)) == config
+    older = {key: value for key, value in vars(args).items() if key != 'input_skip'}
+    assert generator_config(older)['input_skip'] is False
+    with pytest.raises(KeyError, match='n_res_blocks'):
+        generator_config({'ngf': 8})
+    generator = build_generator(config)
+    assert generator.config == config
+    assert count(generator) == count(Generator(ngf=8, n_res_blocks=1, input_skip=True))
+    build_generator(generator.config).load_state_dict(generator.state_dict())  # strict: every key and shape
+
+
+@pytest.mark.parametrize('float32_downsamplings, dtypes', [(2, ['float32', 'float32']), (1, ['float32', 'bfloat16']),
+                                                           (0, ['bfloat16', 'bfloat16'])])
+def test_float32_downsamplings_puts_only_the_downsamplings_back_in_autocast(float32_downsamplings, dtypes):
+    """experiments/amp_precision.py's variants: both downsamplings, the first only, or none stay in float32 under
+    autocast; the weights keep their names, so any variant loads any checkpoint."""
+    generator = Generator(ngf=8, n_res_blocks=1, float32_downsamplings=float32_downsamplings)
+    downsamplings = [layer for layer in generator.model
+                     if isinstance(layer, torch.nn.Conv2d) and layer.stride == (2, 2)]
+    assert len(downsamplings) == 2
+    seen = []
+    for layer in downsamplings:
+        layer.register_forward_hook(lambda m, i, o: seen.append(str(o.dtype).replace('torch.', '')))
+    with torch.autocast('cpu', torch.bfloat16):
+        generator(torch.zeros(1, 1, 16, 16))
+    assert seen == dtypes
+    assert generator.config == Generator(ngf=8, n_res_blocks=1).config
+    Generator(ngf=8, n_res_blocks=1).load_state_dict(generator.state_dict())

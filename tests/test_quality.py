@@ -1,4 +1,5 @@
-"""Time-to-quality options: bfloat16 autocast on the CPU, the CPU recipe file, and benchmarks/quality.py."""
+"""Time-to-quality options: bfloat16 autocast on the CPU, the CPU recipe file, and the experiment drivers
+experiments/quality.py, quality_seeds.py and nominal_clock.py."""
 import json
 import os
 import subprocess
@@ -7,11 +8,14 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from conftest import REPO, mni_t1, second_vendor, subject_volume
+from experiments import nominal_clock
 from utils.arguments import parse_arguments
+from utils.errors import run_cli
 from utils.losses import scheduled_weights
 from utils.trainer import CycleGANTrainer
 
@@ -66,7 +70,7 @@ def vendor_folders(tmp_path_factory):
 
 
 def run_quality(*argv, cwd=REPO):
-    return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'quality.py'), *argv], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'quality.py'), *argv], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -86,6 +90,9 @@ def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
         assert 0 < entry[method]['SSIM'] <= 1 and entry[method]['PSNR'] > 0
     assert entry['recipe']['train_wall_s'] > 0 and entry['paired_l1']['train_wall_s'] > 0
     assert entry['recipe']['steps'] > 0 and entry['paired_l1']['steps'] > 0
+    # steps and seconds come from train.py's summary.json: the seconds of training steps fill the budget
+    for method in ('recipe', 'paired_l1'):
+        assert 1.8 <= entry[method]['train_seconds'] <= entry[method]['train_wall_s']
     # fine detail as a ratio to the real scans' (inference_nii.py's Detail column): the second vendor here is a
     # blurred first, so the input has more of it than the target
     assert all(entry[method]['Detail'] > 0 for method in ('recipe', 'paired_l1', 'histogram_matching'))
@@ -119,13 +126,22 @@ def assert_refused_before_any_work(result, message, work_dir):
 
 
 def run_nominal_clock(pickle_dataset, save_dir, cost, *flags):
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'nominal_clock.py'), str(cost), *TINY,
-                             '-ex', 'n', '--data_root', pickle_dataset, '--save_dir', str(save_dir),
-                             '--max_minutes', '0.011', '--total_epoch', '2', '--decay_epoch', '1', *flags],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    steps = int(result.stdout.split('done after epoch 1 (')[1].split(' steps')[0])
-    return steps, torch.load(save_dir / 'n' / 'model' / 'last.pth', weights_only=True)['networks']['G_AB']
+    """experiments/nominal_clock.py in this process; returns the steps summary.json counts and G_AB's weights."""
+    nominal_clock.main([str(cost), *TINY, '-ex', 'n', '--data_root', pickle_dataset, '--save_dir', str(save_dir),
+                        '--max_minutes', '0.011', '--total_epoch', '2', '--decay_epoch', '1', *flags])
+    with open(save_dir / 'n' / 'summary.json') as f:
+        summary = json.load(f)
+    assert summary['last_epoch'] == 1
+    # the last epoch's eval metrics as loss.csv logged them, and the best epochs as model/best.json
+    logged = pd.read_csv(save_dir / 'n' / 'loss' / 'loss.csv').iloc[-1]
+    for direction in ('A2B', 'B2A'):
+        assert summary['eval'][direction]['ssim'] == pytest.approx(logged[f'Eval SSIM {direction}'])
+        assert summary['eval'][direction]['psnr'] == pytest.approx(logged[f'Eval PSNR {direction}'])
+    with open(save_dir / 'n' / 'model' / 'best.json') as f:
+        assert summary['best'] == json.load(f)
+    assert 0.66 <= summary['train_seconds'] < 0.66 + 0.2 * cost  # nominal seconds: the budget and part of a step
+    state = torch.load(save_dir / 'n' / 'model' / 'last.pth', weights_only=True)
+    return summary['steps_this_run'], state['networks']['G_AB']
 
 
 @pytest.mark.parametrize('cost, flags, steps', [
@@ -142,11 +158,11 @@ def test_nominal_clock_counts_step_costs_and_repeats_exactly(pickle_dataset, tmp
     assert all(torch.equal(weights[key], weights_again[key]) for key in weights)
 
 
-def test_nominal_clock_refuses_a_cost_below_one(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'nominal_clock.py'), '0.5', '-ex', 'n',
-                             '--save_dir', str(tmp_path / 'runs')], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and 'Traceback' not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith('error: COST 0.5 must be a number of at least 1')
+def test_nominal_clock_refuses_a_cost_below_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(nominal_clock.main, ['0.5', '-ex', 'n', '--save_dir', str(tmp_path / 'runs')])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('error: COST 0.5 must be a number of at least 1')
     assert not (tmp_path / 'runs').exists()
 
 
@@ -175,7 +191,7 @@ side_by_side = pytest.mark.skipif(PINNABLE_CPUS < 2, reason='runs two trainings 
 
 
 def run_quality_seeds(*argv, cwd=REPO):
-    return subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'quality_seeds.py'), *argv], cwd=cwd,
+    return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'quality_seeds.py'), *argv], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -211,7 +227,7 @@ def test_quality_seeds_runs_recipe_and_paired_side_by_side(vendor_folders, tmp_p
 
 @side_by_side
 def test_start_pinned_gives_the_run_its_cpus_and_as_many_threads(tmp_path, monkeypatch):
-    from benchmarks.quality_seeds import start_pinned
+    from experiments.quality_seeds import start_pinned
     monkeypatch.setenv('OMP_NUM_THREADS', '7')
     cpus = sorted(os.sched_getaffinity(0))[-1:]
     code = 'import os; print(sorted(os.sched_getaffinity(0)), os.environ["OMP_NUM_THREADS"])'
@@ -225,7 +241,7 @@ def test_quality_seeds_stops_its_runs_when_killed(vendor_folders, tmp_path):
     """The runs are in sessions of their own; a SIGTERM to the script must still end them and their train.py."""
     import signal
     work = tmp_path / 'work'
-    process = subprocess.Popen([sys.executable, 'benchmarks/quality_seeds.py', '--minutes', '5', '--seeds', '1',
+    process = subprocess.Popen([sys.executable, 'experiments/quality_seeds.py', '--minutes', '5', '--seeds', '1',
                                 '--cores_per_job', '1', '--data_dir', str(vendor_folders), '--work_dir', str(work),
                                 *TINY], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert 'runs of 5 minutes started' in process.stdout.readline()

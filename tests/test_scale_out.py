@@ -23,7 +23,9 @@ def train(args, cwd=REPO, timeout=300):
 
 
 def generator_weights(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
+    """The state_dict of a network file (a generator's file holds it next to the generator's configuration)."""
+    saved = torch.load(path, map_location='cpu', weights_only=True)
+    return saved.get('state_dict', saved)
 
 
 def test_torchrun_two_cpu_processes(pickle_dataset, tmp_path):

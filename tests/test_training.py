@@ -505,7 +505,9 @@ def test_checkpoints_load_weights_only_into_tiny_networks(trained):
     states = {}
     for epoch in (1, 2):
         for name in (f'netG_S_to_P_epoch_{epoch}.pth', f'netG_P_to_S_epoch_{epoch}.pth'):
-            state = torch.load(os.path.join(model, name), map_location='cpu', weights_only=True)
+            saved = torch.load(os.path.join(model, name), map_location='cpu', weights_only=True)
+            assert saved['generator_config'] == Generator(ngf=8, n_res_blocks=2).config
+            state = saved['state_dict']
             Generator(ngf=8, n_res_blocks=2).load_state_dict(state)  # strict: every key, every shape
             states[name] = state
         for name in (f'netD_S_epoch_{epoch}.pth', f'netD_P_epoch_{epoch}.pth'):
@@ -524,7 +526,7 @@ def test_epoch_2_checkpoint_reproduces_the_logged_eval_metrics(trained, directio
     """The epoch-2 weights are the ones evaluated after epoch 2, and the logged SSIM/PSNR are skimage's over the
     whole eval set (mean per-slice SSIM, PSNR of the stacked slices, images in [0, 1])."""
     net = Generator(ngf=8, n_res_blocks=2)
-    net.load_state_dict(torch.load(os.path.join(trained['dir'], 'model', checkpoint), weights_only=True))
+    net.load_state_dict(torch.load(os.path.join(trained['dir'], 'model', checkpoint), weights_only=True)['state_dict'])
     net.eval()
     data = Paired_Dataset(trained['data_root'], split='evalset', lower_bound=0.3, upper_bound=0.6, progress=False)
     predictions, targets = [], []

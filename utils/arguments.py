@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 
+from model.generator import GENERATOR_FLAGS
 from utils.device import AMP_CHOICES
 from utils.errors import UserError
 from utils.losses import DEFAULT_MATCHING_WEIGHT
@@ -192,8 +193,8 @@ def parse_arguments(argv=None):
     return check_arguments(build_parser().parse_args(argv))
 
 
-# Flags that fix the networks' shapes: a resumed run must keep them.
-ARCHITECTURE_FLAGS = ('ngf', 'n_res_blocks', 'ndf', 'd_layers', 'vendor1', 'vendor2')
+# Flags that fix the networks' shapes and roles: a resumed run must keep them.
+ARCHITECTURE_FLAGS = (*GENERATOR_FLAGS, 'ndf', 'd_layers', 'vendor1', 'vendor2')
 
 
 def save_arguments(args, path):

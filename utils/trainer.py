@@ -3,7 +3,6 @@
 Reads as: build, then for each epoch `train_epoch` and `eval_epoch`; each batch is one `step`
 whose losses come from utils.losses.generator_losses.
 """
-import json
 import math
 import os
 import random
@@ -18,16 +17,16 @@ from tqdm import tqdm
 
 from dataset.dataset import Paired_Dataset, VendorDraws
 from model.discriminator import Discriminator
-from model.generator import Generator
+from model.generator import build_generator, generator_config
 from utils import results
-from utils.checkpoint import (atomic_save, discriminator_filename, generator_filename, plain_state_dict,
-                              vendor_tags)
+from utils.checkpoint import (atomic_save, atomic_write_json, discriminator_filename, generator_checkpoint,
+                              generator_filename, plain_state_dict, vendor_tags)
 from utils.device import autocast, autocast_dtype, resolve_amp
 from utils.distributed import ProcessGroupInfo, ShardSampler, all_reduce_sum
 from utils.arguments import resolve_matching_weight
 from utils.errors import UserError
-from utils.losses import (DEFAULT_MATCHING_WEIGHT, TERMS, MatchingTargets, discriminator_loss, full_weights, gan_part, generator_losses,
-                          lazy_weights, scheduled_weights)
+from utils.losses import (DEFAULT_MATCHING_WEIGHT, TERMS, MatchingTargets, discriminator_loss, full_weights,
+                          gan_part, generator_losses, lazy_weights, scheduled_weights)
 from utils.metrics import DistributionMetrics, SetMetrics
 
 NETWORKS = ('G_AB', 'G_BA', 'D_A', 'D_B')
@@ -86,10 +85,26 @@ def describe(metric):
     return f'vendor distance {metric.vendor_distance:.4f}  anatomy {metric.anatomy:.4f}'
 
 
+class WallClock:
+    """The trainer's clock: seconds as they pass, whatever a step computes. A clock is what --max_minutes
+    counts; experiments/nominal_clock.py gives the trainer one that counts a nominal cost per step instead."""
+
+    def now(self):
+        return time.perf_counter()
+
+    def step_done(self, weights):
+        """Called after each optimizer step with the loss weights it used."""
+
+
 class CycleGANTrainer:
-    def __init__(self, args, device, experiment_dir, process=None, build_data=True):
-        """build_data=False: networks and optimizers only, for callers that feed step() themselves."""
+    def __init__(self, args, device, experiment_dir, process=None, build_data=True, clock=None,
+                 generator_options=None):
+        """build_data=False: networks and optimizers only, for callers that feed step() themselves.
+        clock: what --max_minutes counts (WallClock by default). generator_options: build_generator's options
+        that change no weight (experiments/amp_precision.py)."""
         self.args, self.device, self.experiment_dir = args, device, experiment_dir
+        self.clock = clock or WallClock()
+        self.generator_options = generator_options or {}
         self.process = process or ProcessGroupInfo()
         self.vendor_A, self.vendor_B = args.vendor1, args.vendor2
         self.tags = vendor_tags(args.vendor1, args.vendor2)
@@ -146,8 +161,8 @@ class CycleGANTrainer:
     def _build_networks(self):
         args = self.args
         self.nets = {
-            'G_AB': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks, input_skip=args.input_skip),
-            'G_BA': Generator(ngf=args.ngf, n_res_blocks=args.n_res_blocks, input_skip=args.input_skip),
+            'G_AB': build_generator(generator_config(args), **self.generator_options),
+            'G_BA': build_generator(generator_config(args), **self.generator_options),
             'D_A': Discriminator(ndf=args.ndf, n_layers=args.d_layers),
             'D_B': Discriminator(ndf=args.ndf, n_layers=args.d_layers),
         }
@@ -177,6 +192,7 @@ class CycleGANTrainer:
         return {
             'epoch': epoch,
             'networks': {name: plain_state_dict(net) for name, net in self.nets.items()},
+            'generator_config': self.nets['G_AB'].config,
             'optimizer_G': self.optimizer_G.state_dict(),
             'optimizer_D': self.optimizer_D.state_dict(),
             'scaler': self.scaler.state_dict(),
@@ -274,7 +290,7 @@ class CycleGANTrainer:
         bar = tqdm(self.train_loader, desc=f'{self.epoch_label(epoch)} train', unit='batch',
                    disable=not self.process.is_main, leave=False, dynamic_ncols=True)
         for iteration, batch in enumerate(bar):
-            started = time.perf_counter()
+            started = self.clock.now()
             self._sync_clock()
             if self.time_is_up():
                 break
@@ -283,10 +299,11 @@ class CycleGANTrainer:
             weights = lazy_weights(scheduled_weights(self.args, progress), iteration, self.args.gan_every)
             real_A, real_B, matching = self._unpack(batch)
             loss_G, terms, loss_D, fake_A, fake_B = self.step(real_A, real_B, weights, matching)
+            self.clock.step_done(weights)
             batch = real_A.shape[0]
             sums[:-1] += torch.stack([loss_G + loss_D, *(terms[t] for t in TERMS), loss_D]).double() * batch
             sums[-1] += batch
-            self.train_seconds += time.perf_counter() - started  # logging and samples below do not count
+            self.train_seconds += self.clock.now() - started  # logging and samples below do not count
             self.steps += 1
             if (iteration + 1) % self.args.log_freq == 0 or iteration == 0:
                 self._check_finite(sums, epoch, iteration)
@@ -417,7 +434,7 @@ class CycleGANTrainer:
             print(f'network weights identical on all {self.process.world_size} processes')
 
     def record_epoch(self, epoch, train_losses, eval_losses, metrics, save_networks):
-        """loss.csv row, loss.png, checkpoints of this epoch, the best generators, and model/last.pth."""
+        """loss.csv row, loss.png, checkpoints of this epoch, the best generators, model/last.pth and summary.json."""
         row = {'epoch': epoch}
         row.update({f'Train {k}': v for k, v in train_losses.items()})
         row.update({f'Eval {k}': v for k, v in eval_losses.items()})
@@ -430,19 +447,23 @@ class CycleGANTrainer:
         generators = {'A2B': ('G_AB', a, b), 'B2A': ('G_BA', b, a)}
         if save_networks:
             for name, source, target in generators.values():
-                atomic_save(plain_state_dict(self.nets[name]),
+                atomic_save(generator_checkpoint(self.nets[name]),
                             os.path.join(self.model_dir, generator_filename(self.tags, source, target, epoch)))
             for name, vendor in (('D_A', a), ('D_B', b)):
                 atomic_save(plain_state_dict(self.nets[name]),
                             os.path.join(self.model_dir, discriminator_filename(self.tags, vendor, epoch)))
         for direction, (name, source, target) in generators.items():
             if self._is_best(direction, epoch, metrics[direction]):
-                atomic_save(plain_state_dict(self.nets[name]),
+                atomic_save(generator_checkpoint(self.nets[name]),
                             os.path.join(self.model_dir, generator_filename(self.tags, source, target, 'best')))
-        with open(os.path.join(self.model_dir, 'best.json.tmp'), 'w') as f:
-            json.dump(self.best, f, indent=2)
-        os.replace(os.path.join(self.model_dir, 'best.json.tmp'), os.path.join(self.model_dir, 'best.json'))
+        atomic_write_json(self.best, os.path.join(self.model_dir, 'best.json'))
         atomic_save(self.state(epoch), os.path.join(self.model_dir, 'last.pth'))
+        # what scripts driving train.py read (experiments/quality.py), as of the epoch last.pth holds
+        atomic_write_json({'last_epoch': epoch, 'steps_this_run': self.steps, 'train_seconds': self.train_seconds,
+                           'vendors': {'A': a, 'B': b},
+                           'eval': {direction: {key.lower(): value for key, value in figures(metric).items()}
+                                    for direction, metric in metrics.items()},
+                           'best': self.best}, os.path.join(self.experiment_dir, 'summary.json'))
         tqdm.write(f'epoch {epoch}: train Total {train_losses["Total"]:.4f}  eval Total {eval_losses["Total"]:.4f}  '
                    + '  '.join(f'{label} {arrow}' for label, arrow in
                                ((f'{a}→{b}', describe(metrics['A2B'])), (f'{b}→{a}', describe(metrics['B2A']))))

@@ -1,39 +1,36 @@
 """train.py with a clock that counts nominal step costs instead of wall time, for repeatable time-budget runs.
 
-    python benchmarks/nominal_clock.py COST [train.py flags, with --max_minutes M]
+    python experiments/nominal_clock.py COST [train.py flags, with --max_minutes M]
 
 Each paired step (the adversarial and cycle terms off) advances the clock by 0.2 s, each step that computes
 them by COST x 0.2 s (benchmarks/step_cost.py measures COST for a recipe), whatever the machine is doing.
 --max_minutes 2 is then 600 paired steps. A timed recipe and its paired-L1 reference then share their warm-up
 bit for bit, a rerun repeats exactly, and several runs can share a CPU: the comparison is free of timing
-noise and of the chaos that a different step count brings at a high learning rate. benchmarks/quality.py
+noise and of the chaos that a different step count brings at a high learning rate. experiments/quality.py
 --nominal_cost COST runs its trainings through this script.
 """
 import os
 import sys
-import types
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-import utils.trainer  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 PAIRED_STEP_SECONDS = 0.2
 
 
-def use_nominal_clock(cycle_gan_cost):
-    """Make utils.trainer's clock advance by each step's nominal cost, and only when a step runs."""
-    clock = [0.0]
-    utils.trainer.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
-    timed_step = utils.trainer.CycleGANTrainer.step
+class NominalClock:
+    """A trainer clock (utils.trainer.WallClock's methods) that advances by each step's nominal cost only."""
 
-    def step(self, real_A, real_B, weights, matching=None):
-        result = timed_step(self, real_A, real_B, weights, matching)
-        clock[0] += PAIRED_STEP_SECONDS * (cycle_gan_cost if (weights.adv or weights.ccl) else 1.0)
-        return result
+    def __init__(self, cycle_gan_cost):
+        self.cycle_gan_cost = cycle_gan_cost
+        self.seconds = 0.0
 
-    utils.trainer.CycleGANTrainer.step = step
+    def now(self):
+        return self.seconds
+
+    def step_done(self, weights):
+        self.seconds += PAIRED_STEP_SECONDS * (self.cycle_gan_cost if (weights.adv or weights.ccl) else 1.0)
 
 
 def main(argv):
@@ -44,8 +41,7 @@ def main(argv):
                         'relative to a paired one, is a number such as 1.85') from None
     if not cost >= 1:
         raise UserError(f'COST {argv[0]} must be a number of at least 1 (a CycleGAN step costs more than a paired one)')
-    use_nominal_clock(cost)
-    train.main(argv[1:])
+    train.main(argv[1:], clock=NominalClock(cost))
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """A second vendor shift, made by other means than the demo data's, to check a recipe on data it was not tuned on.
 
-    python benchmarks/second_shift.py --input_dir demo/nifti/SIEMENS --output_dir /tmp/shift2
-    python benchmarks/quality.py --minutes 10 --data_dir /tmp/shift2 @recipes/cpu.args
+    python experiments/second_shift.py --input_dir demo/nifti/SIEMENS --output_dir /tmp/shift2
+    python experiments/quality.py --minutes 10 --data_dir /tmp/shift2 @recipes/cpu.args
 
 Copies each volume of --input_dir to OUTPUT/SIEMENS and writes OUTPUT/Philips/<same name>: the same scan as
 another scanner might give it. Where dataset/make_demo_data.py models each vendor's tissue contrast, point

@@ -1,9 +1,9 @@
 """The recipe against the paired-L1 reference over several seeds at once, every run on CPUs of its own.
 
-    python benchmarks/quality_seeds.py --minutes 2 --seeds 1 2 3 4 --data_dir demo/nifti @recipes/cpu.args
+    python experiments/quality_seeds.py --minutes 2 --seeds 1 2 3 4 --data_dir demo/nifti @recipes/cpu.args
 
 Short runs are noisy: how many steps fit in the minutes, and so the SSIM, varies from run to run with the
-machine's load. This script starts, for each seed, benchmarks/quality.py for the recipe and for the paired-L1
+machine's load. This script starts, for each seed, experiments/quality.py for the recipe and for the paired-L1
 reference at the same time, each pinned to --cores_per_job CPUs of its own (2 by default, a small laptop), so
 that all of them train at the same time under the same conditions; it needs 2 x seeds x cores_per_job CPUs
 (logical CPUs: with hyperthreading, two runs may share a physical core). It prints one row per seed and the
@@ -20,7 +20,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from benchmarks.quality import PAIRED_L1_FLAGS, absolute_flag_files  # noqa: E402
+from experiments.quality import PAIRED_L1_FLAGS, absolute_flag_files  # noqa: E402
 from utils.arguments import CliParser, parse_arguments  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import check_writable_folder  # noqa: E402
@@ -64,7 +64,7 @@ def check(args, recipe):
 def cpus_for_runs(runs, cpus_per_run):
     """The CPUs of each run: consecutive groups of the CPUs this process may use."""
     if not hasattr(os, 'sched_setaffinity'):
-        raise UserError('this system (macOS or Windows) cannot pin a process to CPUs: run benchmarks/quality.py '
+        raise UserError('this system (macOS or Windows) cannot pin a process to CPUs: run experiments/quality.py '
                         'once per seed (--random_seed N) instead')
     cpus = sorted(os.sched_getaffinity(0))
     if runs * cpus_per_run > len(cpus):
@@ -90,7 +90,7 @@ def start(kind, seed, cpus, recipe, args):
     work = os.path.join(args.work_dir, f'seed{seed}_{kind}')
     os.makedirs(work, exist_ok=True)
     flags = [*recipe, '--random_seed', str(seed), '--device', 'cpu', *(PAIRED_L1_FLAGS if kind == 'paired_l1' else [])]
-    command = [sys.executable, os.path.join(REPO, 'benchmarks', 'quality.py'), '--minutes', str(args.minutes),
+    command = [sys.executable, os.path.join(REPO, 'experiments', 'quality.py'), '--minutes', str(args.minutes),
                '--data_dir', args.data_dir, '--work_dir', work, '--name', kind, '--skip_paired', *flags]
     log_path = os.path.join(work, 'quality.log')
     return start_pinned(command, cpus, log_path), log_path

@@ -1,7 +1,7 @@
 """Harmonization quality for a fixed training time: a train.py recipe against a paired-L1 model and baselines.
 
-    python benchmarks/quality.py --minutes 10 @recipes/cpu.args
-    python benchmarks/quality.py --minutes 2 5 10 @recipes/cpu.args --ccl_weight 5   # flags after the recipe override it
+    python experiments/quality.py --minutes 10 @recipes/cpu.args
+    python experiments/quality.py --minutes 2 5 10 @recipes/cpu.args --ccl_weight 5  # flags after the recipe override it
 
 For each time budget it trains (train.py --max_minutes) the recipe and a paired-L1 reference (the same
 flags, but only the original matching loss: no adversarial, cycle or identity term, no discriminator),
@@ -15,7 +15,6 @@ Any flag this script does not know is passed to train.py.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ def build_parser():
     parser.add_argument('--subjects', type=int, default=12, help='demo subjects to build when --data_dir is not given')
     parser.add_argument('--name', default='recipe', help='label of the recipe in the table and run folders')
     parser.add_argument('--nominal_cost', type=float, default=None,
-                        help='train on a nominal clock (benchmarks/nominal_clock.py): a paired step counts 0.2 s, a '
+                        help='train on a nominal clock (experiments/nominal_clock.py): a paired step counts 0.2 s, a '
                              'CycleGAN step this many times that; repeatable runs, free of timing noise')
     parser.add_argument('--skip_paired', action='store_true', help='do not train the paired-L1 reference')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
@@ -78,20 +77,17 @@ def prepare_data(args):
 
 def train_and_measure(label, flags, minutes, dataset, args):
     """Train for `minutes`, harmonize the test volumes; returns the mean metrics per method, the wall time and
-    the optimizer steps taken."""
+    train.py's summary.json (optimizer steps, seconds of training steps)."""
     experiment = f'{label}_{minutes:g}min'
     runs = os.path.join(args.work_dir, 'runs')
     os.makedirs(runs, exist_ok=True)
     started = time.perf_counter()
-    trainer = ['benchmarks/nominal_clock.py', str(args.nominal_cost)] if args.nominal_cost else ['train.py']
+    trainer = ['experiments/nominal_clock.py', str(args.nominal_cost)] if args.nominal_cost else ['train.py']
     run([*trainer, *flags, '-ex', experiment, '--data_root', dataset, '--save_dir', runs,
          '--max_minutes', str(minutes), '--overwrite'], os.path.join(runs, f'{experiment}.train.log'))
     wall = time.perf_counter() - started
-    with open(os.path.join(runs, f'{experiment}.train.log')) as f:
-        steps = re.findall(r'done after epoch \d+ \((\d+) steps', f.read())
-    if not steps:
-        raise UserError(f'{runs}/{experiment}.train.log has no "done after epoch N (S steps" line: '
-                        'did train.py change its last line?', exit_code=1)
+    with open(os.path.join(runs, experiment, 'summary.json')) as f:
+        summary = json.load(f)
     output = os.path.join(runs, experiment, 'testset', 'SIEMENS_to_Philips')
     run(['inference_nii.py', '--experiment', experiment, '--save_dir', runs, '--epoch', 'latest',
          '--input_dir', os.path.join(dataset, 'testset', 'SIEMENS'),
@@ -99,7 +95,14 @@ def train_and_measure(label, flags, minutes, dataset, args):
         os.path.join(runs, f'{experiment}.inference.log'))
     table = pd.read_csv(os.path.join(output, 'metrics.csv'))
     means = table[table['volume'] == 'mean'].set_index('method')[['SSIM', 'PSNR', 'MAE', 'Detail']]
-    return means, wall, int(steps[-1])
+    return means, wall, summary
+
+
+def training_figures(wall, summary):
+    """What the table shows of a training run: wall time of train.py, and from its summary.json the optimizer
+    steps and the seconds of training steps (--max_minutes counts these: nominal ones with --nominal_cost)."""
+    return {'train_wall_s': round(wall, 1), 'steps': summary['steps_this_run'],
+            'train_seconds': round(summary['train_seconds'], 1)}
 
 
 def absolute_flag_files(flags):
@@ -126,13 +129,13 @@ def main(argv):
     results = []
     for minutes in args.minutes:
         entry = {'minutes': minutes}
-        means, wall, steps = train_and_measure(args.name, recipe, minutes, dataset, args)
-        entry[args.name] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}
+        means, wall, summary = train_and_measure(args.name, recipe, minutes, dataset, args)
+        entry[args.name] = {**means.loc['harmonized'].to_dict(), **training_figures(wall, summary)}
         entry['unharmonized'] = means.loc['unharmonized'].to_dict()
         entry['histogram_matching'] = means.loc[ORACLE].to_dict()
         if not args.skip_paired:
-            means, wall, steps = train_and_measure('paired_l1', paired_flags, minutes, dataset, args)
-            entry['paired_l1'] = {**means.loc['harmonized'].to_dict(), 'train_wall_s': round(wall, 1), 'steps': steps}
+            means, wall, summary = train_and_measure('paired_l1', paired_flags, minutes, dataset, args)
+            entry['paired_l1'] = {**means.loc['harmonized'].to_dict(), **training_figures(wall, summary)}
         results.append(entry)
         print(f'\n{minutes:g} minutes of training (SSIM / PSNR dB / MAE against the real Philips volumes, and fine '
               'detail as a ratio to theirs):')

@@ -7,10 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # train.py's flags that shape the generator; its channels are not flags (one MRI contrast in, one out)
-GENERATOR_FLAGS = ('ngf', 'n_res_blocks', 'input_skip')
+GENERATOR_FLAGS = ('ngf', 'n_res_blocks', 'input_skip', 'residual')
 GENERATOR_CONFIG_KEYS = ('in_channels', 'out_channels', *GENERATOR_FLAGS)
 # what experiments written before a key existed were trained with
-CONFIG_DEFAULTS = {'in_channels': 1, 'out_channels': 1, 'input_skip': False}
+CONFIG_DEFAULTS = {'in_channels': 1, 'out_channels': 1, 'input_skip': False, 'residual': False}
 
 
 class ShiftAddConv2d(nn.Conv2d):
@@ -80,16 +80,23 @@ class Generator(nn.Module):
     network cannot see intensity levels: the instance normalisation after the first convolution gives a
     slice and any a * x + b (a > 0) of it the same output, so it must guess them from the anatomy.
 
+    residual=True (off in the seed's network) makes the network's output a change added to its input,
+    clamped to [-1, 1]: it starts as the identity, so the anatomy is there from the first step and unpaired
+    losses only have to learn what differs between the vendors (as IGUANe's generator does).
+
     float32_downsamplings (2: both, as trained) is how many of the two downsamplings, from the first, stay in
     float32 under autocast; fewer only to rerun the precision experiment (experiments/amp_precision.py). It
     changes no weight, so it is not part of the configuration stored with checkpoints.
     """
 
-    def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9, input_skip=False,
+    def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9, input_skip=False, residual=False,
                  float32_downsamplings=2):
         super().__init__()
+        if residual and in_channels != out_channels:
+            raise ValueError('a residual generator needs as many output channels as input channels')
         self.config = {'in_channels': in_channels, 'out_channels': out_channels, 'ngf': ngf,
-                       'n_res_blocks': n_res_blocks, 'input_skip': input_skip}
+                       'n_res_blocks': n_res_blocks, 'input_skip': input_skip, 'residual': residual}
+        self.residual = residual
         layers = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, 7),
@@ -114,7 +121,9 @@ class Generator(nn.Module):
             ]
             channels //= 2
         head_channels = channels + (ngf if input_skip else 0)
-        head = [nn.ReflectionPad2d(3), ShiftAddConv2d(head_channels, out_channels, 7), nn.Tanh()]
+        last = ShiftAddConv2d(head_channels, out_channels, 7)
+        last.zero_init = residual  # a residual generator starts as the identity (utils/trainer.py init_weights)
+        head = [nn.ReflectionPad2d(3), last, nn.Tanh()]
         if input_skip:
             self.model = nn.Sequential(*layers)
             self.intensity = nn.Sequential(nn.Conv2d(in_channels, ngf, 1), nn.ReLU(inplace=True))
@@ -125,8 +134,10 @@ class Generator(nn.Module):
 
     def _run(self, x):
         if self.input_skip:
-            return self.head(torch.cat([self.model(x), self.intensity(x)], dim=1))
-        return self.model(x)
+            out = self.head(torch.cat([self.model(x), self.intensity(x)], dim=1))
+        else:
+            out = self.model(x)
+        return (x + out).clamp(-1, 1) if self.residual else out
 
     def forward(self, x):
         height, width = x.shape[-2:]

@@ -279,10 +279,11 @@ def test_generator_config_from_flags_and_from_an_older_arguments_txt():
     from utils.arguments import parse_arguments
     args = parse_arguments(['-ex', 'x', '--ngf', '8', '--n_res_blocks', '1', '--input_skip'])
     config = generator_config(args)
-    assert config == {'in_channels': 1, 'out_channels': 1, 'ngf': 8, 'n_res_blocks': 1, 'input_skip': True}
+    assert config == {'in_channels': 1, 'out_channels': 1, 'ngf': 8, 'n_res_blocks': 1, 'input_skip': True,
+                      'residual': False}
     assert generator_config(vars(args)) == config
-    older = {key: value for key, value in vars(args).items() if key != 'input_skip'}
-    assert generator_config(older)['input_skip'] is False
+    older = {key: value for key, value in vars(args).items() if key not in ('input_skip', 'residual')}
+    assert generator_config(older)['input_skip'] is False and generator_config(older)['residual'] is False
     with pytest.raises(KeyError, match='n_res_blocks'):
         generator_config({'ngf': 8})
     generator = build_generator(config)
@@ -308,3 +309,22 @@ def test_float32_downsamplings_puts_only_the_downsamplings_back_in_autocast(floa
     assert seen == dtypes
     assert generator.config == Generator(ngf=8, n_res_blocks=1).config
     Generator(ngf=8, n_res_blocks=1).load_state_dict(generator.state_dict())
+
+
+def test_a_residual_generator_starts_as_the_identity_and_learns_a_change():
+    from utils.trainer import init_weights
+    torch.manual_seed(0)
+    net = Generator(ngf=8, n_res_blocks=1, input_skip=True, residual=True)
+    net.apply(init_weights)
+    x = torch.rand(2, 1, 33, 40) * 2 - 1
+    torch.testing.assert_close(net(x), x)  # the anatomy is there before the first step
+    target = (x + 0.2).clamp(-1, 1)  # a brighter copy
+    start = (x - target).abs().mean().item()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = (net(x) - target).abs().mean()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < start / 2 and net(x).min() >= -1 and net(x).max() <= 1
+    assert net.config['residual'] is True

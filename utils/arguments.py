@@ -89,6 +89,9 @@ def build_parser():
     model.add_argument('--input_skip', action=argparse.BooleanOptionalAction, default=False,
                        help='give the generator\'s last layer a learned curve of each input voxel\'s intensity (off in '
                             'the seed\'s network, whose instance normalisation hides the intensity level)')
+    model.add_argument('--residual', action=argparse.BooleanOptionalAction, default=False,
+                       help='the generator outputs a change added to its input, so it starts as the identity and '
+                            'keeps the anatomy from the first step (off in the seed\'s network)')
     model.add_argument('--ndf', type=int, default=64, help='discriminator width')
     model.add_argument('--d_layers', type=int, default=3, choices=[1, 2, 3],
                        help='stride-2 layers of the discriminators: each logit sees 16, 34 or 70 pixels square; a '

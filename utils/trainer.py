@@ -45,9 +45,13 @@ def lr_factor(epoch_progress, decay_epoch, total_epoch):
 
 
 def init_weights(module):
-    """N(0, 0.02) convolution weights, as the reference CycleGAN."""
+    """N(0, 0.02) convolution weights, as the reference CycleGAN; zeros for a layer marked zero_init (the last
+    layer of a residual generator, which then starts as the identity)."""
     if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-        torch.nn.init.normal_(module.weight, 0.0, 0.02)
+        if getattr(module, 'zero_init', False):
+            torch.nn.init.zeros_(module.weight)
+        else:
+            torch.nn.init.normal_(module.weight, 0.0, 0.02)
         torch.nn.init.zeros_(module.bias)
 
 

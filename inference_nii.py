@@ -28,7 +28,8 @@ from skimage.exposure import match_histograms
 from tqdm import tqdm
 
 from model.generator import Generator
-from utils.arguments import CliParser, load_arguments
+from utils.arguments import load_arguments
+from utils.cli import CliParser
 from utils.checkpoint import generator_filename, load_weights, saved_generator_epochs, vendor_tags
 from utils.cpu_memory import keep_freed_memory
 from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp

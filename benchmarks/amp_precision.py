@@ -16,20 +16,17 @@ This is how the --amp stall on CUDA was traced (see the README, "On a GPU"); wit
             --total_epoch 2 --decay_epoch 1 --stop_after_epoch 1 --overwrite
     done
 """
-import os
 import sys
 
 import torch
 import torch.nn as nn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import train  # noqa: E402
-from dataset import dataset  # noqa: E402
-from model import generator  # noqa: E402
-from utils import device as device_module  # noqa: E402
-from utils import trainer as trainer_module  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+import train
+from dataset import dataset
+from model import generator
+from utils import device as device_module
+from utils import trainer as trainer_module
+from utils.errors import UserError, run_cli
 
 VARIANTS = ('as_is', 'bf16_downsampling', 'first_only', 'fp16', 'no_cudnn', 'no_empty')
 

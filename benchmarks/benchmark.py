@@ -37,15 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from inference_nii import harmonize_slices  # noqa: E402
-from model.discriminator import Discriminator  # noqa: E402
-from model.generator import Generator  # noqa: E402
-from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.device import amp_description, amp_supported, autocast, autocast_dtype, pick_device  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.losses import LossWeights, discriminator_loss, generator_losses  # noqa: E402
-from utils.trainer import init_weights, set_requires_grad  # noqa: E402
+from inference_nii import harmonize_slices
+from model.discriminator import Discriminator
+from model.generator import Generator
+from utils.cpu_memory import keep_freed_memory
+from utils.device import amp_description, amp_supported, autocast, autocast_dtype, pick_device
+from utils.errors import UserError, run_cli
+from utils.losses import LossWeights, discriminator_loss, generator_losses
+from utils.trainer import init_weights, set_requires_grad
 
 # The weights of train.py's defaults, all terms on (the state after warm-up and ramp-up).
 WEIGHTS = LossWeights(adv=1.0, ccl=5.0, identity=1.0, oml=5.0)

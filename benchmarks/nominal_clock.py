@@ -9,15 +9,11 @@ bit for bit, a rerun repeats exactly, and several runs can share a CPU: the comp
 noise and of the chaos that a different step count brings at a high learning rate. benchmarks/quality.py
 --nominal_cost COST runs its trainings through this script.
 """
-import os
-import sys
 import types
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import train  # noqa: E402
-import utils.trainer  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+import train
+import utils.trainer
+from utils.errors import UserError, run_cli
 
 PAIRED_STEP_SECONDS = 0.2
 

@@ -28,11 +28,10 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.arguments import CliParser  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.paths import check_writable_folder  # noqa: E402
-from utils.volume import (NIFTI_SUFFIXES, ROBUST_PERCENTILE, axial_slices, list_nifti, load_volume,  # noqa: E402
+from utils.cli import CliParser
+from utils.errors import UserError, run_cli
+from utils.paths import check_writable_folder
+from utils.volume import (NIFTI_SUFFIXES, ROBUST_PERCENTILE, axial_slices, list_nifti, load_volume,
                           nifti_stem, normalise, pad_or_crop, robust_max, to_canonical)
 
 SLICE_SUFFIXES = ('.png', '.tif', '.tiff', '.npy')

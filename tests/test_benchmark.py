@@ -43,8 +43,7 @@ def test_amp_precision_variants_put_only_the_downsamplings_back_in_bfloat16():
     autocast to bfloat16; the unchanged generator keeps both in float32. Run apart: the variants patch classes."""
     code = '''
 import sys, torch
-sys.path.insert(0, "benchmarks")
-import amp_precision
+from benchmarks import amp_precision
 from model.generator import Generator, Float32Conv2d
 if sys.argv[1] != "as_is":
     amp_precision.autocast_downsamplings(keep_first_in_float32=sys.argv[1] == "first_only")

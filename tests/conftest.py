@@ -231,49 +231,49 @@ def tiny_experiment_input_skip(tiny_experiment):
 
 # ---- fast and slow tests ------------------------------------------------------------------------
 # A test is slow when it, a fixture it asks for or a test helper it calls starts a process (a fresh Python
-# costs seconds of imports) or runs a training; the session fixtures above are built once and do not count.
-# `make test` runs the others (-m "not slow"), `make test-all` everything.
+# costs seconds of imports) or runs a whole training; the session fixtures above are built once and do not
+# count. `make test` runs the others (-m "not slow"), `make test-all` everything.
 
 STARTS_A_PROCESS = re.compile(r'\bsys\.executable\b|\bsubprocess\.(run|Popen|call|check_call|check_output)\b'
                               r'|\bos\.(system|fork)\b')
-TRAINS = re.compile(r"\btrain\.main\b|\.fit\(")
+TRAINS = re.compile(r'\btrain\.main\b|\.fit\(\)')  # train.py's main, CycleGANTrainer.fit()
 
 
-def _names(code):
+def referenced_names(code):
     names = set(code.co_names)
     for const in code.co_consts:
         if inspect.iscode(const):
-            names |= _names(const)
+            names |= referenced_names(const)
     return names
 
 
-def _slow_reasons(function, seen):
+def slow_reasons(function, seen=None):
     """Why calling `function` is slow ('starts a process', 'trains'), following the test helpers it calls."""
+    seen = set() if seen is None else seen
     if not inspect.isfunction(function) or function in seen:
         return set()
     seen.add(function)
     try:
-        in_tests = os.path.dirname(os.path.abspath(inspect.getsourcefile(function))) == TESTS
+        if os.path.dirname(os.path.abspath(inspect.getsourcefile(function))) != TESTS:
+            return set()  # the project's own code is what the tests measure, not how they run it
         source = inspect.getsource(function)
     except (OSError, TypeError):
         return set()
-    if not in_tests:
-        return set()
     reasons = {reason for reason, pattern in (('starts a process', STARTS_A_PROCESS), ('trains', TRAINS))
                if pattern.search(source)}
-    for name in _names(function.__code__):
-        reasons |= _slow_reasons(function.__globals__.get(name), seen)
+    for name in referenced_names(function.__code__):
+        reasons |= slow_reasons(function.__globals__.get(name), seen)
     return reasons
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        functions = [item.function]
-        for name, definitions in getattr(item, '_fixtureinfo').name2fixturedefs.items():
-            if definitions and definitions[-1].scope != 'session':
-                functions.append(definitions[-1].func)
+        if not isinstance(item, pytest.Function):
+            continue
+        fixtures = [definitions[-1] for definitions in item._fixtureinfo.name2fixturedefs.values() if definitions]
+        functions = [item.function] + [fixture.func for fixture in fixtures if fixture.scope != 'session']
         seen, reasons = set(), set()
         for function in functions:
-            reasons |= _slow_reasons(function, seen)
+            reasons |= slow_reasons(function, seen)
         if reasons:
             item.add_marker(pytest.mark.slow(reason=', '.join(sorted(reasons))))

@@ -1,6 +1,7 @@
-# make demo : venv, demo data, paired dataset, CPU-sized training, harmonized test volumes with metrics
+# make demo          : venv, demo data, paired dataset, CPU-sized training, harmonized test volumes with metrics
 # make demo-unpaired : the same demo data split so that the two vendors' training subjects are disjoint
-# make test : venv, then the test suite (what CI runs)
+# make test          : venv, then the fast tests (everything but the tests marked slow: training runs and processes)
+# make test-all      : venv, then every test (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,19 +9,24 @@ DEMO   := demo
 EXP    := demo
 TRAIN_MINUTES ?= 7
 
-.PHONY: venv test demo demo-unpaired bench quality clean-demo
+.PHONY: venv test test-all demo demo-unpaired bench quality clean-demo
 
-# The marker is written only after a complete install, so a half-built venv is completed on the next run.
-$(VENV)/.installed: requirements.txt
+# The project is installed in editable mode (pyproject.toml), so every script imports the repository's code
+# from any folder. The marker is written only after a complete install, so a half-built venv is completed
+# on the next run.
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: venv
+	$(PY) -m pytest -q
 
 $(DEMO)/nifti/.complete: | venv
 	$(PY) dataset/make_demo_data.py --output_dir $(DEMO)/nifti --subjects 12 --overwrite

@@ -35,16 +35,15 @@ import torch
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.reference_step import reference_step  # noqa: E402
-from inference_nii import harmonize_slices  # noqa: E402
-from model.generator import build_generator, generator_config  # noqa: E402
-from utils.arguments import parse_arguments  # noqa: E402
-from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.device import amp_description, amp_supported, autocast, autocast_dtype, pick_device  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.losses import full_weights  # noqa: E402
-from utils.trainer import CycleGANTrainer, init_weights  # noqa: E402
+from benchmarks.reference_step import reference_step
+from inference_nii import harmonize_slices
+from model.generator import build_generator, generator_config
+from utils.arguments import parse_arguments
+from utils.cpu_memory import keep_freed_memory
+from utils.device import amp_description, amp_supported, autocast, autocast_dtype, pick_device
+from utils.errors import UserError, run_cli
+from utils.losses import full_weights
+from utils.trainer import CycleGANTrainer, init_weights
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'recipes', 'cpu.args')
 # network size -> train.py flags that give it

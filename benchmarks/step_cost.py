@@ -8,22 +8,19 @@ alone (the recipe's warm-up), the CycleGAN terms on the whole batch, with --gan_
 paired term with each extra term alone (the adversarial one with its discriminator step).
 Prints the median time of each and its ratio to the paired step. The CPU must be otherwise idle.
 """
-import os
 import statistics
-import sys
 from dataclasses import replace
 import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from utils.arguments import CliParser, parse_arguments  # noqa: E402
-from utils.cpu_memory import keep_freed_memory  # noqa: E402
-from utils.device import amp_description, pick_device  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.losses import full_weights, lazy_weights  # noqa: E402
-from utils.trainer import CycleGANTrainer  # noqa: E402
+from utils.arguments import parse_arguments
+from utils.cli import CliParser
+from utils.cpu_memory import keep_freed_memory
+from utils.device import amp_description, pick_device
+from utils.errors import UserError, run_cli
+from utils.losses import full_weights, lazy_weights
+from utils.trainer import CycleGANTrainer
 
 
 def main(argv):

@@ -35,13 +35,12 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.arguments import CliParser  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.paths import check_writable_folder  # noqa: E402
-from utils.volume import (NIFTI_SUFFIXES, RESAMPLE_ORDER, ROBUST_PERCENTILE, axial_slices,  # noqa: E402
-                          check_same_spacing, list_nifti, load_volume, nifti_stem, normalise, pad_or_crop,
-                          resample_onto, resample_to_spacing, robust_max, to_canonical, voxel_spacing)
+from utils.cli import CliParser
+from utils.errors import UserError, run_cli
+from utils.paths import check_writable_folder
+from utils.volume import (NIFTI_SUFFIXES, RESAMPLE_ORDER, ROBUST_PERCENTILE, axial_slices, check_same_spacing,
+                          list_nifti, load_volume, nifti_stem, normalise, pad_or_crop, resample_onto,
+                          resample_to_spacing, robust_max, to_canonical, voxel_spacing)
 
 SLICE_SUFFIXES = ('.png', '.tif', '.tiff', '.npy')
 SPLITS = ('trainset', 'evalset', 'testset')

@@ -15,14 +15,12 @@ variant. docs/performance.md ("Kernels and precision") has the results; with the
             --total_epoch 2 --decay_epoch 1 --stop_after_epoch 1 --overwrite
     done
 """
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+import train
+from utils.errors import run_cli
 
 # variant -> how many of the generator's two downsamplings stay in float32 (model.generator.Generator)
 FLOAT32_DOWNSAMPLINGS = {'as_is': 2, 'bf16_downsampling': 0, 'first_only': 1, 'no_cudnn': 0}

@@ -9,12 +9,8 @@ bit for bit, a rerun repeats exactly, and several runs can share a CPU: the comp
 noise and of the chaos that a different step count brings at a high learning rate. experiments/quality.py
 --nominal_cost COST runs its trainings through this script.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+import train
+from utils.errors import UserError, run_cli
 
 PAIRED_STEP_SECONDS = 0.2
 

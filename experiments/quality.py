@@ -22,11 +22,11 @@ import time
 import pandas as pd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from utils.arguments import CliParser, parse_arguments  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.evaluation import ORACLE  # noqa: E402
-from utils.paths import check_writable_folder  # noqa: E402
+from utils.arguments import parse_arguments
+from utils.cli import CliParser
+from utils.errors import UserError, run_cli
+from utils.evaluation import ORACLE
+from utils.paths import check_writable_folder
 
 PAIRED_L1_FLAGS = ['--adv_weight', '0', '--ccl_weight', '0', '--identity_weight', '0',
                    '--warmup_epochs', '0', '--rampup_epochs', '0']

@@ -19,11 +19,11 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from experiments.quality import PAIRED_L1_FLAGS, absolute_flag_files  # noqa: E402
-from utils.arguments import CliParser, parse_arguments  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.paths import check_writable_folder  # noqa: E402
+from experiments.quality import PAIRED_L1_FLAGS, absolute_flag_files
+from utils.arguments import parse_arguments
+from utils.cli import CliParser
+from utils.errors import UserError, run_cli
+from utils.paths import check_writable_folder
 
 KINDS = ('recipe', 'paired_l1')
 

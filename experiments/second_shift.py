@@ -14,17 +14,14 @@ unlike the demo's Philips scans, whose own noise caps every method's SSIM near 0
 import argparse
 import os
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.paths import check_writable_folder  # noqa: E402
-from utils.volume import list_nifti, load_volume, robust_max  # noqa: E402
+from utils.errors import UserError, run_cli
+from utils.paths import check_writable_folder
+from utils.volume import list_nifti, load_volume, robust_max
 
 GAMMA = 1.5
 BLUR_SIGMA_VOXELS = 0.65  # FWHM about 1.5 voxels

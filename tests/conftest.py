@@ -1,19 +1,30 @@
-"""Shared test data: small real MRI (the MNI152 T1 template shipped in nilearn) and a second "vendor" made from it.
+"""Shared test data: small real MRI (the MNI152 T1 template shipped in nilearn) and a second "vendor" made from it;
+one small experiment written once per session; and the split into fast and slow tests.
 
 The second vendor here is built by other means than dataset/make_demo_data.py (a gamma curve, a blur and
 another intensity scale), so tests do not only check the project against its own demo generator.
 """
+import collections
+import contextlib
+import functools
+import inspect
+import io
+import json
 import os
 import pickle
+import re
+import runpy
 import sys
+import traceback
 
 import nibabel as nib
 import numpy as np
 import pytest
+from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+TESTS = os.path.join(REPO, 'tests')
 
 
 def mni_t1(resolution=4):
@@ -91,3 +102,178 @@ def tiny_train_flags(**overrides):
         index = flags.index(f'--{name}')
         flags[index + 1] = str(value)
     return flags
+
+
+# ---- scans on disk ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _template(resolution):
+    image = mni_t1(resolution)
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine
+
+
+def siemens(subject=0, resolution=6):
+    """(data, affine) of a vendor-1-like RAS volume, values up to about 1000."""
+    data, affine = _template(resolution)
+    return 1000 * subject_volume(data, subject), affine.copy()
+
+
+def philips(subject=0, resolution=6):
+    data, affine = siemens(subject, resolution)
+    return second_vendor(data, subject), affine
+
+
+def reoriented(image, codes):
+    """The same image stored with axis codes `codes` (the affine follows, so the anatomy is unchanged)."""
+    return image.as_reoriented(ornt_transform(axcodes2ornt('RAS'), axcodes2ornt(tuple(codes))))
+
+
+def save_scan(data, affine, path, codes='RAS', int16=False):
+    """A NIfTI file stored with axis codes `codes`, as int16 with a scl_slope (as scanners write) if `int16`."""
+    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
+    if tuple(codes) != tuple('RAS'):
+        image = reoriented(image, codes)
+    if int16:
+        image.set_data_dtype(np.int16)  # nibabel picks a scl_slope on save
+    image.set_qform(image.affine, code='scanner')
+    image.set_sform(image.affine, code='scanner')
+    nib.save(image, str(path))
+    return str(path)
+
+
+# ---- scripts in this process --------------------------------------------------------------------
+
+Result = collections.namedtuple('Result', 'code out err')
+
+
+def run_script(script, argv, cwd):
+    """Run a script's `__main__` in this process, as `python script argv...` would, and capture what it prints.
+
+    An exception that escapes is printed as Python would (a traceback) with exit code 1.
+    """
+    path = os.path.join(REPO, script)
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, saved_path = sys.argv, os.getcwd(), list(sys.path)
+    sys.argv = [path, *map(str, argv)]
+    os.chdir(cwd)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(path, run_name='__main__')
+            except SystemExit as exit_:
+                if exit_.code is None or isinstance(exit_.code, int):
+                    code = exit_.code or 0
+                else:
+                    print(exit_.code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        sys.path[:] = saved_path
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+# ---- one small experiment per session -----------------------------------------------------------
+
+EXPERIMENT_FLAGS = tiny_train_flags(lower_bound=0.45, upper_bound=0.55)
+
+
+def run_or_fail(script, argv, cwd):
+    result = run_script(script, argv, cwd)
+    assert result.code == 0, f'{script} failed:\n{result.out[-2000:]}\n{result.err[-3000:]}'
+    return result
+
+
+@pytest.fixture(scope='session')
+def tiny_experiment(tmp_path_factory):
+    """The user's recipe once, in this process: 6 subjects of 6 mm scans (vendor 2 int16, stored LPS or axial
+    first) -> generate_paired_dataset.py (2 test subjects) -> train.py, 2 epochs of tiny networks.
+
+    Shared by every test that needs a trained experiment; none may change it (copy it to spoil it)."""
+    root = tmp_path_factory.mktemp('tiny_experiment')
+    scans = [root / 'scans' / vendor for vendor in ('SIEMENS', 'Philips')]
+    for folder in scans:
+        folder.mkdir(parents=True)
+    for i in range(6):
+        name = f'subj_{i + 1:03d}.nii.gz'
+        save_scan(*siemens(i), scans[0] / name)
+        save_scan(*philips(i), scans[1] / name, codes=('LPS', 'SLP')[i % 2], int16=True)
+    dataset = root / 'dataset'
+    run_or_fail('dataset/generate_paired_dataset.py', ['--vendor1_dir', scans[0], '--vendor2_dir', scans[1],
+                                                       '--output_dir', dataset, '--test_ratio', '0.34',
+                                                       '--split_ratio', '0.7'], cwd=root)
+    results = root / 'results'
+    trained = run_or_fail('train.py', ['-ex', 'tiny', '--data_root', dataset, '--save_dir', results,
+                                       *EXPERIMENT_FLAGS], cwd=root)
+    experiment_dir = os.path.join(str(results), 'tiny')
+    with open(os.path.join(experiment_dir, 'dataset_info.json')) as f:
+        info = json.load(f)
+    with open(os.path.join(experiment_dir, 'model', 'best.json')) as f:
+        best = json.load(f)
+    return {'root': root, 'scans': scans, 'dataset': dataset, 'results': str(results), 'dir': experiment_dir,
+            'name': 'tiny', 'info': info, 'best': best, 'stdout': trained.out}
+
+
+@pytest.fixture(scope='session')
+def tiny_experiment_input_skip(tiny_experiment):
+    """The same data, one epoch of a generator with --input_skip; path of the experiment folder."""
+    root = tiny_experiment['root']
+    run_or_fail('train.py', ['-ex', 'skip', '--data_root', tiny_experiment['dataset'], '--save_dir',
+                             root / 'results_input_skip', '--input_skip',
+                             *tiny_train_flags(lower_bound=0.45, upper_bound=0.5, total_epoch=1, decay_epoch=0)],
+                cwd=root)
+    return os.path.join(str(root), 'results_input_skip', 'skip')
+
+
+# ---- fast and slow tests ------------------------------------------------------------------------
+# A test is slow when it, a fixture it asks for or a test helper it calls starts a process (a fresh Python
+# costs seconds of imports) or runs a whole training; the session fixtures above are built once and do not
+# count. `make test` runs the others (-m "not slow"), `make test-all` everything.
+
+STARTS_A_PROCESS = re.compile(r'\bsys\.executable\b|\bsubprocess\.(run|Popen|call|check_call|check_output)\b'
+                              r'|\bos\.(system|fork)\b')
+TRAINS = re.compile(r'\btrain\.main\b|\.fit\(\)')  # train.py's main, CycleGANTrainer.fit()
+
+
+def referenced_names(code):
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= referenced_names(const)
+    return names
+
+
+def slow_reasons(function, seen=None):
+    """Why calling `function` is slow ('starts a process', 'trains'), following the test helpers it calls."""
+    seen = set() if seen is None else seen
+    if not inspect.isfunction(function) or function in seen:
+        return set()
+    seen.add(function)
+    try:
+        if os.path.dirname(os.path.abspath(inspect.getsourcefile(function))) != TESTS:
+            return set()  # the project's own code is what the tests measure, not how they run it
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return set()
+    reasons = {reason for reason, pattern in (('starts a process', STARTS_A_PROCESS), ('trains', TRAINS))
+               if pattern.search(source)}
+    for name in referenced_names(function.__code__):
+        reasons |= slow_reasons(function.__globals__.get(name), seen)
+    return reasons
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        fixtures = [definitions[-1] for definitions in item._fixtureinfo.name2fixturedefs.values() if definitions]
+        functions = [item.function] + [fixture.func for fixture in fixtures if fixture.scope != 'session']
+        seen, reasons = set(), set()
+        for function in functions:
+            reasons |= slow_reasons(function, seen)
+        if reasons:
+            item.add_marker(pytest.mark.slow(reason=', '.join(sorted(reasons))))

@@ -10,28 +10,25 @@ Most cases run the scripts in this process (runpy with the script's own `__main_
 captured, SystemExit turned into the exit code): a fresh `python` costs ~3 s of torch import each, which
 over a hundred cases would take minutes. A few tests start real processes to check the same path end to end.
 """
-import collections
-import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN_FLAGS, mni_t1, second_vendor, subject_volume, write_pickle_dataset
+from conftest import (REPO, TINY_TRAIN_FLAGS, Result, mni_t1, run_script, second_vendor, subject_volume,
+                      write_pickle_dataset)
 
 TRAIN = 'train.py'
 GENERATE = 'dataset/generate_paired_dataset.py'
@@ -41,40 +38,6 @@ VENDORS = ('SIEMENS', 'Philips')
 
 
 # ---- running the scripts ------------------------------------------------------------------------
-
-Result = collections.namedtuple('Result', 'code out err')
-
-
-def run_script(script, argv, cwd):
-    """Run a script's `__main__` in this process, as `python script argv...` would, and capture what it prints.
-
-    An exception that escapes is printed as Python would (a traceback) with exit code 1.
-    """
-    path = os.path.join(REPO, script)
-    out, err = io.StringIO(), io.StringIO()
-    saved_argv, saved_cwd, saved_path = sys.argv, os.getcwd(), list(sys.path)
-    sys.argv = [path, *map(str, argv)]
-    os.chdir(cwd)
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(path, run_name='__main__')
-            except SystemExit as exit_:
-                if exit_.code is None or isinstance(exit_.code, int):
-                    code = exit_.code or 0
-                else:
-                    print(exit_.code, file=sys.stderr)
-                    code = 1
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv = saved_argv
-        os.chdir(saved_cwd)
-        sys.path[:] = saved_path
-    return Result(code, out.getvalue(), err.getvalue())
-
 
 def run_process(script, argv, cwd, timeout=300):
     """The script in a real Python process."""
@@ -164,7 +127,7 @@ def nifti_bytes(data, affine, gz=True, edit=None, version=1):
         header = header_class.from_fileobj(io.BytesIO(raw))
         edit(header)
         raw = header.binaryblock + raw[header_class.sizeof_hdr:]
-    return gzip.compress(raw) if gz else raw
+    return gzip.compress(raw, compresslevel=1) if gz else raw  # level 9 costs a tenth of a second a volume
 
 
 def save_nifti(path, data, affine):
@@ -194,7 +157,7 @@ def _corrupt_gzip(data, affine):
 def _rgb(data, affine):
     rgb = np.zeros(data.shape, dtype=[('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
     rgb['R'] = rgb['G'] = rgb['B'] = np.clip(data / data.max() * 255, 0, 255).astype(np.uint8)
-    return '.nii.gz', gzip.compress(nib.Nifti1Image(rgb, affine).to_bytes())
+    return '.nii.gz', gzip.compress(nib.Nifti1Image(rgb, affine).to_bytes(), compresslevel=1)
 
 
 def _with_nonfinite(value):
@@ -287,20 +250,10 @@ BAD_SLICE = os.path.join('trainset', 'subj_001', 'slice_016.pkl')  # inside --lo
 PICKLE_BOUNDS = ['--lower_bound', '0.4', '--upper_bound', '0.6']
 
 
-@pytest.fixture(scope='module')
-def experiment(tmp_path_factory, pickle_dataset):
-    """One tiny trained experiment (2 epochs on a few 4 mm slices) with a dataset_info.json; path of its folder."""
-    root = tmp_path_factory.mktemp('results')
-    result = run_script(TRAIN, ['-ex', 'exp', '--data_root', pickle_dataset, '--save_dir', root, *TINY_TRAIN_FLAGS,
-                                '--lower_bound', '0.45', '--upper_bound', '0.5'], cwd=root)
-    assert result.code == 0, show(result)
-    folder = root / 'exp'
-    with open(folder / 'dataset_info.json', 'w') as f:
-        json.dump({'vendors': list(VENDORS), 'intensity_scale': {'SIEMENS': 80.0, 'Philips': 4000.0}}, f)
-    for name in ('netG_S_to_P_epoch_1.pth', 'netG_S_to_P_epoch_2.pth', 'netG_S_to_P_best.pth', 'best.json',
-                 'last.pth'):
-        assert (folder / 'model' / name).exists(), name
-    return folder
+@pytest.fixture
+def experiment(tiny_experiment):
+    """The session's small trained experiment (conftest.tiny_experiment); path of its folder."""
+    return tiny_experiment['root'] / 'results' / tiny_experiment['name']
 
 
 def infer_args(experiment_dir, input_dir, output_dir, *extra):
@@ -625,6 +578,13 @@ def amp_on_a_cpu_without_bfloat16_instructions(c):
 
 
 @case(TRAIN, 2)
+def warm_up_without_matching_weight(c):
+    """The warm-up trains with the paired term only: with --oml_weight 0 nothing would be trained."""
+    c.names += ['--warmup_epochs', '--oml_weight']
+    return c.train('--warmup_epochs', '1', '--oml_weight', '0')
+
+
+@case(TRAIN, 2)
 def amp_unknown_mode(c):
     c.names += ['--amp', 'fast']
     return c.train('--amp', 'fast')
@@ -633,7 +593,7 @@ def amp_unknown_mode(c):
 # train.py: data
 @case(TRAIN, 2)
 def missing_data_root(c):
-    c.names.append('--data_root')
+    c.names += ['--data_root', c.path('nowhere')]
     return c.train(data_root=c.path('nowhere'))
 
 
@@ -704,6 +664,23 @@ def slice_too_small(c):
     return c.bad_slice({'SIEMENS': tensor((4, 4, 1)), 'Philips': tensor((4, 4, 1))})
 
 
+@case(TRAIN, (0, 2))
+def slices_too_small_for_the_discriminator(c):
+    """16 x 16 slices pass the dataset's checks (H, W >= 8) but the discriminator needs at least 24 pixels: a
+    trained model or a one-line error, never a traceback."""
+    rng = np.random.default_rng(0)
+    for split in ('trainset', 'evalset'):
+        os.makedirs(c.path('small', split, 'subj_001'))
+        for k in range(4):
+            with open(c.path('small', split, 'subj_001', f'slice_{k}.pkl'), 'wb') as f:
+                pickle.dump({v: rng.random((16, 16, 1), dtype=np.float32) for v in VENDORS}, f)
+    argv = c.train('--lower_bound', '0', '--upper_bound', '1', '--total_epoch', '1', '--decay_epoch', '0',
+                   '--batch_size', '4', '--sample_save_freq', '1000', '--log_freq', '1000', data_root=c.path('small'))
+    c.absent.clear()  # a trained model is one of the two right answers
+    c.unchanged.remove(c.path('results'))
+    return argv
+
+
 @case(TRAIN, 2)
 def slice_string_array(c):
     return c.bad_slice({'SIEMENS': np.full((34, 40, 1), 'a'), 'Philips': tensor()})
@@ -760,7 +737,7 @@ def slice_with_an_extra_key(c):
 # train.py: results
 @case(TRAIN, 2)
 def experiment_exists_without_overwrite(c):
-    c.names.append(c.path('results', 'earlier'))
+    c.names += [c.path('results', 'earlier'), '--overwrite']
     return c.train(ex='earlier')
 
 

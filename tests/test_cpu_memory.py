@@ -4,13 +4,11 @@ import sys
 
 import pytest
 
-from conftest import REPO
 
 # Allocate, fill and free a 64 MiB tensor (a batch of generator activations) 16 times; print the page faults
 # of the last 4 rounds (glibc places PyTorch's 64-byte-aligned blocks in fresh heap for the first few rounds).
 PROGRAM = '''
-import resource, sys, torch
-sys.path.insert(0, {repo!r})
+import resource, torch
 from utils.cpu_memory import keep_freed_memory
 took = keep_freed_memory() if {keep} else None
 def faults():
@@ -25,7 +23,7 @@ print(took, faults() - before)
 
 
 def page_faults(keep):
-    out = subprocess.run([sys.executable, '-c', PROGRAM.format(repo=REPO, keep=keep)], capture_output=True,
+    out = subprocess.run([sys.executable, '-c', PROGRAM.format(keep=keep)], capture_output=True,
                          text=True, check=True).stdout.split()
     return out[0], int(out[1])
 

@@ -20,7 +20,7 @@ import pytest
 from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from nibabel.processing import resample_from_to, resample_to_output
 
-from conftest import REPO, mni_t1, second_vendor, subject_volume, tiny_train_flags
+from conftest import REPO, mni_t1, run_script, second_vendor, subject_volume, tiny_train_flags
 
 VENDORS = ('SIEMENS', 'Philips')
 PERCENTILE = 99.5
@@ -30,8 +30,9 @@ SCRIPT = os.path.join('dataset', 'generate_paired_dataset.py')
 # ---- helpers ------------------------------------------------------------------------------------
 
 def run_generate(*args):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    """The script run as `python SCRIPT args...` would run it, in this process (a fresh Python costs seconds)."""
+    code, out, err = run_script(SCRIPT, args, cwd=REPO)
+    return subprocess.CompletedProcess([SCRIPT, *args], code, out, err)
 
 
 def generate(vendor1_dir, vendor2_dir, output_dir, *flags):

@@ -17,9 +17,12 @@ from utils.trainer import CycleGANTrainer
 FEW_SLICES = ['--lower_bound', '0.45', '--upper_bound', '0.55']
 
 
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny networks: two threads spin on a loaded 2-core machine
+
+
 def train(args, cwd=REPO, timeout=300):
     return subprocess.run([sys.executable, 'train.py', *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=ONE_THREAD)
 
 
 def generator_weights(path):
@@ -33,8 +36,7 @@ def test_torchrun_two_cpu_processes(pickle_dataset, tmp_path):
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
                '-ex', 'ddp', '--data_root', pickle_dataset, '--save_dir', str(save_dir), *tiny_train_flags(), *FEW_SLICES,
                '--batch_size', '2']
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     # rank 0 alone prints and writes; both processes' weights were compared at the end of training
     assert result.stdout.count('done after epoch 2') == 1
@@ -87,7 +89,7 @@ def test_killed_run_resumes_and_finishes(pickle_dataset, tmp_path):
     args = ['-ex', 'killed', '--data_root', pickle_dataset, '--save_dir', str(tmp_path),
             *tiny_train_flags(total_epoch=4, decay_epoch=2), '--lower_bound', '0.3', '--upper_bound', '0.7']
     process = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, env=ONE_THREAD)
     last_state = tmp_path / 'killed' / 'model' / 'last.pth'
     deadline = time.time() + 240
     while not last_state.exists() and time.time() < deadline and process.poll() is None:

@@ -20,7 +20,7 @@ import warnings
 
 from tqdm import tqdm
 
-from utils.arguments import CliParser
+from utils.cli import CliParser
 from utils.errors import UserError, run_cli
 from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, subject_stem, write_table
 from utils.paths import check_writable_folder

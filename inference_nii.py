@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.arguments import load_arguments
-from utils.checkpoint import generator_filename, load_generator_checkpoint, saved_generator_epochs, vendor_tags
+from utils.checkpoint import (generator_filename, load_arguments, load_generator_checkpoint, saved_generator_epochs,
+                              vendor_tags)
 from utils.cli import CliParser
 from utils.cpu_memory import keep_freed_memory
 from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp

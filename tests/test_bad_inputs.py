@@ -994,7 +994,7 @@ def one_vendor_without_a_usable_volume(c):
 
 
 @case(GENERATE, 2)
-def test_subjects_hold_out_every_subject_of_a_vendor(c):
+def listed_test_subjects_hold_out_every_subject_of_a_vendor(c):
     argv = c.generate(subjects=3)
     rename_subjects(c, 'Philips', 'p_')
     os.remove(c.path('SIEMENS', 'subj_003.nii.gz'))
@@ -1003,7 +1003,7 @@ def test_subjects_hold_out_every_subject_of_a_vendor(c):
 
 
 @case(GENERATE, 2)
-def test_ratio_holds_out_every_subject_of_a_vendor(c):
+def ratio_holds_out_every_subject_of_a_vendor(c):
     """SIEMENS has one subject, only in its folder: --test_ratio 0.6 of a group of one holds it out."""
     argv = c.generate(subjects=3)
     rename_subjects(c, 'Philips', 'p_')

@@ -190,14 +190,3 @@ def save_arguments(args, path):
         json.dump(vars(args), f, indent=2, sort_keys=True)
         f.write('\n')
     os.replace(tmp, path)
-
-
-def load_arguments(path):
-    """The flags an experiment was trained with, as a dict."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f'{path} not found: is this a folder written by train.py? (check --experiment/--save_dir)') from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f'{path} is not the JSON that train.py writes; re-create it or retrain') from None

@@ -124,3 +124,14 @@ def load_generator_checkpoint(path, arguments, arguments_path="the experiment's 
         raise UserError(f'{path}: its generator configuration {config} cannot be built ({type(error).__name__}: '
                         f'{first_line(error)})') from None
     return load_weights(path, generator, state_dict, described_by)
+
+
+def load_arguments(path):
+    """The flags an experiment was trained with, as a dict."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f'{path} not found: is this a folder written by train.py? (check --experiment/--save_dir)') from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f'{path} is not the JSON that train.py writes; re-create it or retrain') from None

@@ -49,11 +49,7 @@ demo: venv $(DEMO)/nifti/.complete
 # (11, 12) held out, scanned on both: the test.
 UNPAIRED := $(DEMO)/unpaired
 $(UNPAIRED)/.complete: $(DEMO)/nifti/.complete
-	rm -rf $(UNPAIRED)
-	mkdir -p $(UNPAIRED)/SIEMENS $(UNPAIRED)/Philips $(UNPAIRED)/traveling/SIEMENS $(UNPAIRED)/traveling/Philips
-	for i in 001 002 003 004 005; do cp $(DEMO)/nifti/SIEMENS/subj_$$i.nii.gz $(UNPAIRED)/SIEMENS/; done
-	for i in 006 007 008 009 010; do cp $(DEMO)/nifti/Philips/subj_$$i.nii.gz $(UNPAIRED)/Philips/; done
-	for v in SIEMENS Philips; do cp $(DEMO)/nifti/$$v/subj_011.nii.gz $(DEMO)/nifti/$$v/subj_012.nii.gz $(UNPAIRED)/traveling/$$v/; done
+	$(PY) dataset/split_demo.py --mode unpaired --input_dir $(DEMO)/nifti --output_dir $(UNPAIRED) --overwrite
 	touch $@
 
 demo-unpaired: venv $(UNPAIRED)/.complete

@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 import sys
 import warnings
@@ -38,7 +37,7 @@ from tqdm import tqdm
 from utils.cli import CliParser
 from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
-from utils.volume import (NIFTI_SUFFIXES, RESAMPLE_ORDER, ROBUST_PERCENTILE, axial_slices, check_same_spacing,
+from utils.volume import (NIFTI_SUFFIXES, natural_key, RESAMPLE_ORDER, ROBUST_PERCENTILE, axial_slices, check_same_spacing,
                           list_nifti, load_volume, nifti_stem, normalise, pad_or_crop, resample_onto,
                           resample_to_spacing, robust_max, to_canonical, voxel_spacing)
 
@@ -82,11 +81,6 @@ def build_parser():
     parser.add_argument('--overwrite', action='store_true', help='replace a dataset already in --output_dir')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
     return parser
-
-
-def natural_key(text):
-    """'slice_10' sorts after 'slice_2'."""
-    return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', text)]
 
 
 def find_subjects(folder):

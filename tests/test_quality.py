@@ -1,5 +1,6 @@
-"""Time-to-quality options: bfloat16 autocast on the CPU, the CPU recipe file, and the experiment drivers
-experiments/quality.py, quality_seeds.py and nominal_clock.py."""
+"""Time-to-quality options: bfloat16 autocast on the CPU, the CPU recipe file, the experiment drivers
+experiments/quality.py (paired, unpaired and semi-paired modes), quality_seeds.py and nominal_clock.py, and the
+split of paired scans into unpaired and semi-paired ones (dataset/split_demo.py)."""
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from conftest import REPO, mni_t1, second_vendor, subject_volume
-from experiments import nominal_clock
+from dataset import split_demo
+from experiments import nominal_clock, quality
 from utils.arguments import parse_arguments
 from utils.errors import run_cli
 from utils.losses import scheduled_weights
@@ -82,6 +84,7 @@ def test_quality_script_prints_one_json_line(vendor_folders, tmp_path):
                          '--lower_bound', '0.3', '--upper_bound', '0.7', cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['mode'] == 'paired'
     assert report['recipe_flags'][:2] == ['@tiny.args', '--lower_bound']
     (entry,) = report['results']
     assert entry['minutes'] == 0.03
@@ -123,6 +126,151 @@ def assert_refused_before_any_work(result, message, work_dir):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('error:') and message in last
     assert not work_dir.exists()
+
+
+def subjects_in(folder):
+    return sorted(name.removesuffix('.nii.gz') for name in os.listdir(folder))
+
+
+@pytest.mark.parametrize('mode, flags, training', [
+    ('unpaired', [], {'SIEMENS': ['subj_001', 'subj_002'], 'Philips': ['subj_003', 'subj_004']}),
+    ('semi', ['--pairs', '1'], {'SIEMENS': ['subj_001', 'subj_002', 'subj_003'], 'Philips': ['subj_001', 'subj_004']}),
+])
+def test_split_demo_disjoint_training_subjects_and_traveling_test(mode, flags, training, vendor_folders, tmp_path):
+    """Six subjects: the last two are the test on both vendors; the rest are cut in half between the vendors, after
+    the pair subjects, which go to both."""
+    out = tmp_path / 'split'
+    split_demo.main(['--mode', mode, '--input_dir', str(vendor_folders), '--output_dir', str(out), *flags])
+    for vendor in ('SIEMENS', 'Philips'):
+        assert subjects_in(out / vendor) == training[vendor]
+        assert subjects_in(out / 'traveling' / vendor) == ['subj_005', 'subj_006']
+        for path in [*(out / vendor).iterdir(), *(out / 'traveling' / vendor).iterdir()]:
+            # copies (not links) of that vendor's scan
+            assert not path.is_symlink() and path.read_bytes() == (vendor_folders / vendor / path.name).read_bytes()
+    both = set(subjects_in(out / 'SIEMENS')) & set(subjects_in(out / 'Philips'))
+    assert both == ({'subj_001'} if mode == 'semi' else set())
+
+
+def test_split_demo_replaces_an_earlier_split_only_with_overwrite(vendor_folders, tmp_path, capsys):
+    out = tmp_path / 'split'
+    argv = ['--mode', 'unpaired', '--input_dir', str(vendor_folders), '--output_dir', str(out), '--traveling', '1']
+    split_demo.main(argv)
+    (out / 'SIEMENS' / 'stale.nii.gz').write_bytes(b'old')
+    (out / 'dataset').mkdir()  # not the split's: stays
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(split_demo.main, argv)
+    assert exit_.value.code == 2
+    assert 'already holds SIEMENS, Philips, traveling/SIEMENS, traveling/Philips' in capsys.readouterr().err
+    assert (out / 'SIEMENS' / 'stale.nii.gz').exists()
+    split_demo.main([*argv, '--overwrite'])
+    assert subjects_in(out / 'SIEMENS') == ['subj_001', 'subj_002', 'subj_003']
+    assert subjects_in(out / 'traveling' / 'Philips') == ['subj_006']
+    assert (out / 'dataset').is_dir()
+
+
+def test_makefile_demo_unpaired_uses_the_split_its_comment_describes():
+    """make demo-unpaired: SIEMENS scans of subjects 1-5, Philips scans of 6-10, 11 and 12 the test."""
+    with open(os.path.join(REPO, 'Makefile')) as f:
+        assert 'dataset/split_demo.py --mode unpaired --input_dir $(DEMO)/nifti --output_dir $(UNPAIRED)' in f.read()
+    plan = split_demo.plan_split([f'subj_{i:03d}' for i in range(12, 0, -1)], 'unpaired')
+    assert plan['SIEMENS'] == [f'subj_{i:03d}' for i in range(1, 6)]
+    assert plan['Philips'] == [f'subj_{i:03d}' for i in range(6, 11)]
+    assert plan['traveling/SIEMENS'] == plan['traveling/Philips'] == ['subj_011', 'subj_012']
+    # names sort by their numbers, so unpadded ones split the same way
+    assert split_demo.plan_split([f's{i}' for i in range(1, 13)], 'unpaired')['traveling/SIEMENS'] == ['s11', 's12']
+
+
+def assert_one_line_error(exit_, capsys, message):
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error:') and message in err[0], err
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--traveling', '5'], '--traveling 5 leaves 1 of the 6 subjects for single-vendor training'),
+    (['--traveling', '0'], '--traveling 0: at least one subject must be held out'),
+    (['--mode', 'semi', '--traveling', '3'], '--traveling 3 and --pairs 2 leave 1 of the 6 subjects'),
+    (['--mode', 'semi', '--pairs', '0'], '--pairs 0: --mode semi needs at least one subject'),
+    (['--pairs', '1'], '--pairs is for --mode semi'),
+])
+def test_split_demo_refuses_bad_values(flags, message, vendor_folders, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(split_demo.main, ['--mode', 'unpaired', '--input_dir', str(vendor_folders),
+                                  '--output_dir', str(tmp_path / 'split'), *flags])
+    assert_one_line_error(exit_, capsys, message)
+    assert not (tmp_path / 'split').exists()
+
+
+def test_split_demo_refuses_subjects_on_one_vendor_and_its_own_folders(vendor_folders, tmp_path, capsys):
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(vendor_folders, data)
+    os.remove(data / 'Philips' / 'subj_004.nii.gz')
+    for input_dir, output_dir, message in [
+            (data, tmp_path / 'split', 'subj_004 is in SIEMENS/ but not in Philips/; every subject must be scanned'),
+            (data / 'SIEMENS', tmp_path / 'split', f'--input_dir {data / "SIEMENS"} has no SIEMENS/ folder'),
+            (vendor_folders, vendor_folders, 'would hold the split in --input_dir')]:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(split_demo.main, ['--mode', 'unpaired', '--input_dir', str(input_dir),
+                                      '--output_dir', str(output_dir), '--overwrite'])
+        assert_one_line_error(exit_, capsys, message)
+    assert not (tmp_path / 'split').exists()
+    assert subjects_in(vendor_folders / 'SIEMENS') == [f'subj_{i:03d}' for i in range(1, 7)]
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--mode', 'unpaired', '--traveling', '5'], '--traveling 5 leaves 1 of the 6 subjects'),
+    (['--mode', 'semi', '--subjects', '5', 'demo'], '--traveling 2 and --pairs 2 leave 1 of the 5 subjects'),
+    (['--traveling', '1'], '--traveling is for --mode unpaired or semi, not --mode paired'),
+    (['--mode', 'unpaired', '--pairs', '1'], '--pairs is for --mode semi, not --mode unpaired'),
+    (['--mode', 'semi', '--paired_recipe', 'no_such.args'], 'no_such.args: no such file; give a train.py flag file'),
+])
+def test_quality_modes_refuse_bad_values_before_any_work(flags, message, vendor_folders, tmp_path, capsys):
+    """In this process; the demo data (no --data_dir) is not built for a split it cannot give."""
+    data = [] if 'demo' in flags else ['--data_dir', str(vendor_folders)]
+    flags = [flag for flag in flags if flag != 'demo']
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(quality.main, ['--minutes', '0.03', *data, '--work_dir', str(tmp_path / 'work'), *flags, *TINY])
+    assert_one_line_error(exit_, capsys, message)
+    assert not (tmp_path / 'work').exists()
+
+
+@pytest.mark.slow
+def test_quality_semi_mode_against_the_pairs_alone(vendor_folders, tmp_path, capsys):
+    """Six subjects: 1 and 2 on both vendors, 3 on SIEMENS, 4 on Philips train; 5 and 6 are the test. The recipe
+    trains on all of it, the paired model (--paired_recipe) on 1 and 2 alone; both are scored on 5 and 6 beside
+    Nyul and histogram matching fitted on the Philips training scans."""
+    (tmp_path / 'tiny.args').write_text('\n'.join(TINY) + '\n')
+    work = tmp_path / 'work'
+    quality.main(['--mode', 'semi', '--minutes', '0.03', '--data_dir', str(vendor_folders), '--work_dir', str(work),
+                  '--paired_recipe', str(tmp_path / 'tiny.args'), *TINY])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report['mode'] == 'semi'
+    assert report['split'] == {'SIEMENS': ['subj_001', 'subj_002', 'subj_003'],
+                               'Philips': ['subj_001', 'subj_002', 'subj_004'],
+                               'traveling/SIEMENS': ['subj_005', 'subj_006'],
+                               'traveling/Philips': ['subj_005', 'subj_006']}
+    (entry,) = report['results']
+    for method in ('recipe', 'pairs_only', 'unharmonized', 'Nyul', 'histogram_matching_to_target'):
+        assert 0 < entry[method]['SSIM'] <= 1 and entry[method]['PSNR'] > 0 and entry[method]['MAE'] > 0, method
+    assert entry['recipe']['steps'] > 0 and entry['pairs_only']['steps'] > 0
+    # both baselines are fitted on the Philips training scans, so their intensities lie closer to that vendor's
+    for method in ('Nyul', 'histogram_matching_to_target'):
+        assert entry[method]['vendor_distance'] < entry['unharmonized']['vendor_distance'] / 3, method
+    # the recipe trained on the pairs and the single-vendor scans, the reference on the pairs alone
+    with open(work / 'dataset' / 'dataset_info.json') as f:
+        info = json.load(f)
+    assert info['paired_subjects'] == ['subj_001', 'subj_002'] and set(info['subject_scales']) == {
+        'subj_001', 'subj_002', 'subj_003', 'subj_004'}
+    with open(work / 'pairs_only' / 'dataset' / 'dataset_info.json') as f:
+        info = json.load(f)
+    assert info['paired_subjects'] == sorted(info['subject_scales']) == ['subj_001', 'subj_002']
+    with open(work / 'runs' / 'pairs_only_0.03min' / 'arguments.txt') as f:
+        paired = json.load(f)
+    assert paired['data_root'] == str(work / 'pairs_only' / 'dataset') and paired['ngf'] == 8
+    # scored on the traveling subjects only
+    table = pd.read_csv(work / 'runs' / 'recipe_0.03min' / 'testset' / 'SIEMENS_to_Philips' / 'metrics.csv')
+    assert sorted(set(table['volume'])) == ['mean', 'subj_005', 'subj_006']
 
 
 def run_nominal_clock(pickle_dataset, save_dir, cost, *flags):

@@ -7,6 +7,7 @@ result back in the input's own orientation.
 """
 import gzip
 import os
+import re
 import warnings
 import zlib
 
@@ -30,6 +31,11 @@ def nifti_stem(path):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return os.path.splitext(name)[0]
+
+
+def natural_key(text):
+    """'subj_10' sorts after 'subj_2'."""
+    return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', text)]
 
 
 def list_nifti(folder):

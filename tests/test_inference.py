@@ -348,7 +348,7 @@ def test_command_line_with_reference_and_target_writes_the_rows_of_evaluate_py(e
 def test_reference_without_target_gives_the_reference_rows(experiment, one_input, tmp_path):
     reference = tmp_path / 'reference'
     reference.mkdir()
-    save(*philips(4), reference / 'subj_050.nii.gz', codes='LPS')
+    save_scan(*philips(4), reference / 'subj_050.nii.gz', codes='LPS')
     assert harmonize(experiment, one_input, tmp_path / 'out', reference_dir=str(reference)) == []
     table = pd.read_csv(tmp_path / 'out' / 'metrics.csv')
     assert list(table['method']) == ['harmonized', 'unharmonized', 'oracle: histogram matching to reference'] * 2

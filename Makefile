@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 DEMO   := demo
 EXP    := demo
 TRAIN_MINUTES ?= 7
+UNPAIRED_MINUTES ?= 10
 
 .PHONY: venv test test-all demo demo-unpaired bench quality clean-demo
 
@@ -56,7 +57,7 @@ demo-unpaired: venv $(UNPAIRED)/.complete
 	$(PY) dataset/generate_paired_dataset.py --vendor1_dir $(UNPAIRED)/SIEMENS --vendor2_dir $(UNPAIRED)/Philips \
 		--output_dir $(UNPAIRED)/dataset --split_ratio 0.8 --overwrite
 	$(PY) train.py @recipes/cpu_unpaired.args -ex $(EXP)-unpaired --data_root $(UNPAIRED)/dataset \
-		--max_minutes $(TRAIN_MINUTES) --overwrite
+		--max_minutes $(UNPAIRED_MINUTES) --overwrite
 	$(PY) inference_nii.py --experiment $(EXP)-unpaired --epoch latest --src_vendor SIEMENS --trg_vendor Philips \
 		--input_dir $(UNPAIRED)/traveling/SIEMENS --reference_dir $(UNPAIRED)/traveling/Philips \
 		--target_dir $(UNPAIRED)/Philips --output_dir results/$(EXP)-unpaired/testset/SIEMENS_to_Philips --overwrite

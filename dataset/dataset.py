@@ -45,7 +45,7 @@ def slice_vendors(sample, path, vendor1, vendor2):
     if not isinstance(sample, dict):
         raise UserError(f'{path}: holds a {type(sample).__name__}, expected a dict {{vendor: array}}')
     present = tuple(v for v in (vendor1, vendor2) if v in sample)
-    if not present or (len(sample) == 1 and not present):
+    if not present:
         raise UserError(f'{path}: no {vendor1!r} or {vendor2!r} image (keys: {sorted(map(str, sample))}); '
                         'set --vendor1/--vendor2 to the keys of your pickles')
     return present
@@ -253,11 +253,6 @@ class VendorDraws(Sampler):
 
     def __iter__(self):
         return iter(self.items())
-
-    def batch_positions(self, batch_index, batch_size):
-        """The pool positions of the vendor-1 and the vendor-2 slices of one batch of this epoch."""
-        batch = self.items()[batch_index * batch_size:(batch_index + 1) * batch_size]
-        return [k1 for k1, _ in batch], [k2 for _, k2 in batch]
 
     def __len__(self):
         return self.length

@@ -356,6 +356,7 @@ class CycleGANTrainer:
             {'A2B': DistributionMetrics(), 'B2A': DistributionMetrics()}
         nets = self.nets
         seen = {'A': set(), 'B': set()}  # the smaller pool repeats in the draws: count each slice once
+        items = [] if with_pairs or self.eval_set.all_paired else self.eval_loader.sampler.items()
         for index, batch in enumerate(tqdm(self.eval_loader, desc=f'{self.epoch_label(epoch)} eval', unit='batch',
                                            disable=not self.process.is_main, leave=False, dynamic_ncols=True)):
             real_A, real_B, matching = self._unpack(batch)
@@ -380,11 +381,11 @@ class CycleGANTrainer:
                 metrics['A2B'].update(fake_B[matching.has_B], matching.target_B[matching.has_B])
                 metrics['B2A'].update(fake_A[matching.has_A], matching.target_A[matching.has_A])
             else:
-                positions = self.eval_loader.sampler.batch_positions(index, self.args.batch_size)
-                new_A = [i for i, k in enumerate(positions[0]) if k not in seen['A']]
-                new_B = [i for i, k in enumerate(positions[1]) if k not in seen['B']]
-                seen['A'].update(positions[0])
-                seen['B'].update(positions[1])
+                batch_items = items[index * self.args.batch_size:(index + 1) * self.args.batch_size]
+                new_A = [i for i, (k, _) in enumerate(batch_items) if k not in seen['A']]
+                new_B = [i for i, (_, k) in enumerate(batch_items) if k not in seen['B']]
+                seen['A'].update(k for k, _ in batch_items)
+                seen['B'].update(k for _, k in batch_items)
                 metrics['A2B'].update(real_A[new_A], fake_B[new_A])
                 metrics['B2A'].update(real_B[new_B], fake_A[new_B])
                 metrics['A2B'].update_target(real_B[new_B])

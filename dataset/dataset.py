@@ -181,6 +181,14 @@ class Paired_Dataset(Dataset):
         channel = 0 if vendor == self.vendor1 else 1
         return self._slice(self.pool[vendor][position])[channel:channel + 1]
 
+    def foreground_values(self, vendor, max_slices=2000):
+        """The foreground intensities (above the background's -1) of a vendor's slices, in [-1, 1]: of every slice
+        of its pool, or of max_slices spread evenly over it."""
+        pool = self.pool[vendor]
+        positions = np.linspace(0, len(pool) - 1, min(len(pool), max_slices)).round().astype(int)
+        images = torch.stack([self._image(vendor, int(position)) for position in np.unique(positions)])
+        return images[images > -1]
+
     def __len__(self):
         if self.all_paired:
             return len(self.paths)

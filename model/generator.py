@@ -7,10 +7,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # train.py's flags that shape the generator; its channels are not flags (one MRI contrast in, one out)
-GENERATOR_FLAGS = ('ngf', 'n_res_blocks', 'input_skip', 'residual')
+GENERATOR_FLAGS = ('ngf', 'n_res_blocks', 'input_skip', 'residual', 'intensity_curve')
 GENERATOR_CONFIG_KEYS = ('in_channels', 'out_channels', *GENERATOR_FLAGS)
 # what experiments written before a key existed were trained with
-CONFIG_DEFAULTS = {'in_channels': 1, 'out_channels': 1, 'input_skip': False, 'residual': False}
+CONFIG_DEFAULTS = {'in_channels': 1, 'out_channels': 1, 'input_skip': False, 'residual': False,
+                   'intensity_curve': False}
+# Foreground percentiles that place the intensity curve's knots (Nyul's deciles, with finer steps of 5): with the
+# two ends of the intensity range, CURVE_POINTS knots.
+CURVE_PERCENTILES = (1, *range(5, 100, 5), 99)
+CURVE_POINTS = len(CURVE_PERCENTILES) + 2
+
+
+def piecewise_linear(x, knots_in, knots_out):
+    """The piecewise-linear curve through (knots_in[i], knots_out[i]) at x (knots_in strictly increasing); beyond
+    the first and last knots the end segments continue."""
+    segment = torch.bucketize(x.detach().float(), knots_in[1:-1].contiguous())
+    x0, x1 = knots_in[segment], knots_in[segment + 1]
+    y0, y1 = knots_out[segment], knots_out[segment + 1]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+def curve_knots(foreground_values, eps=1e-4):
+    """CURVE_POINTS knots in [-1, 1] from a vendor's foreground intensities (in [-1, 1]): -1 (the background), the
+    CURVE_PERCENTILES of the values, 1 (the robust maximum); nudged apart so that they strictly increase."""
+    values = torch.as_tensor(foreground_values, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        raise ValueError('no foreground intensities to place the curve\'s knots on')
+    inner = torch.quantile(values, torch.tensor(CURVE_PERCENTILES, dtype=torch.float64) / 100)
+    knots = torch.cat([torch.tensor([-1.0], dtype=torch.float64), inner, torch.tensor([1.0], dtype=torch.float64)])
+    knots = knots.clamp(-1, 1)
+    # strictly increasing: each knot at least eps above the one before, squeezed back under 1 from the top
+    steps = torch.arange(CURVE_POINTS, dtype=torch.float64) * eps
+    knots = torch.cummax(knots - steps, dim=0).values + steps
+    knots = torch.minimum(knots, 1 - steps.flip(0))
+    return knots.float()
 
 
 class ShiftAddConv2d(nn.Conv2d):
@@ -84,19 +114,31 @@ class Generator(nn.Module):
     clamped to [-1, 1]: it starts as the identity, so the anatomy is there from the first step and unpaired
     losses only have to learn what differs between the vendors (as IGUANe's generator does).
 
+    intensity_curve=True (off in the seed's network) passes the input through a fixed, monotone piecewise-linear
+    intensity curve before the network: knots at the same foreground percentiles of the input vendor's and of
+    the output vendor's training slices (Nyul's histogram standardisation, fitted on each vendor's pool), set once
+    by the trainer (set_intensity_curve) and stored as buffers with the weights. With residual=True the network
+    then starts where histogram standardisation ends and only learns what a curve cannot map (blur, texture,
+    local contrast). Until it is set the curve is the identity.
+
     float32_downsamplings (2: both, as trained) is how many of the two downsamplings, from the first, stay in
     float32 under autocast; fewer only to rerun the precision experiment (experiments/amp_precision.py). It
     changes no weight, so it is not part of the configuration stored with checkpoints.
     """
 
     def __init__(self, in_channels=1, out_channels=1, ngf=64, n_res_blocks=9, input_skip=False, residual=False,
-                 float32_downsamplings=2):
+                 intensity_curve=False, float32_downsamplings=2):
         super().__init__()
         if residual and in_channels != out_channels:
             raise ValueError('a residual generator needs as many output channels as input channels')
         self.config = {'in_channels': in_channels, 'out_channels': out_channels, 'ngf': ngf,
-                       'n_res_blocks': n_res_blocks, 'input_skip': input_skip, 'residual': residual}
+                       'n_res_blocks': n_res_blocks, 'input_skip': input_skip, 'residual': residual,
+                       'intensity_curve': intensity_curve}
         self.residual = residual
+        self.intensity_curve = intensity_curve
+        if intensity_curve:
+            self.register_buffer('curve_in', torch.linspace(-1, 1, CURVE_POINTS))
+            self.register_buffer('curve_out', torch.linspace(-1, 1, CURVE_POINTS))
         layers = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(in_channels, ngf, 7),
@@ -132,7 +174,18 @@ class Generator(nn.Module):
             self.model = nn.Sequential(*layers, *head)
         self.input_skip = input_skip
 
+    @torch.no_grad()
+    def set_intensity_curve(self, input_values, output_values):
+        """Fit the intensity curve: knots at the same percentiles of the input vendor's and the output vendor's
+        foreground intensities (each in [-1, 1], any shape)."""
+        if not self.intensity_curve:
+            raise ValueError('this generator was built without intensity_curve')
+        self.curve_in.copy_(curve_knots(input_values))
+        self.curve_out.copy_(curve_knots(output_values))
+
     def _run(self, x):
+        if self.intensity_curve:
+            x = piecewise_linear(x, self.curve_in, self.curve_out).to(x.dtype)
         if self.input_skip:
             out = self.head(torch.cat([self.model(x), self.intensity(x)], dim=1))
         else:
@@ -157,6 +210,8 @@ def generator_config(arguments):
 
 
 def build_generator(config, **options):
-    """A Generator of this configuration (generator_config's dict, or one read from a checkpoint); options are
-    Generator's arguments that change no weight (float32_downsamplings)."""
-    return Generator(**{key: config[key] for key in GENERATOR_CONFIG_KEYS}, **options)
+    """A Generator of this configuration (generator_config's dict, or one read from a checkpoint: keys added since
+    it was written take the value it was trained with); options are Generator's arguments that change no weight
+    (float32_downsamplings). Raises KeyError naming a missing key that has no such value (ngf, n_res_blocks)."""
+    return Generator(**{key: config[key] if key in config else CONFIG_DEFAULTS[key] for key in GENERATOR_CONFIG_KEYS},
+                     **options)

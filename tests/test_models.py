@@ -280,10 +280,12 @@ def test_generator_config_from_flags_and_from_an_older_arguments_txt():
     args = parse_arguments(['-ex', 'x', '--ngf', '8', '--n_res_blocks', '1', '--input_skip'])
     config = generator_config(args)
     assert config == {'in_channels': 1, 'out_channels': 1, 'ngf': 8, 'n_res_blocks': 1, 'input_skip': True,
-                      'residual': False}
+                      'residual': False, 'intensity_curve': False}
     assert generator_config(vars(args)) == config
-    older = {key: value for key, value in vars(args).items() if key not in ('input_skip', 'residual')}
+    older = {key: value for key, value in vars(args).items()
+             if key not in ('input_skip', 'residual', 'intensity_curve')}
     assert generator_config(older)['input_skip'] is False and generator_config(older)['residual'] is False
+    assert generator_config(older)['intensity_curve'] is False
     with pytest.raises(KeyError, match='n_res_blocks'):
         generator_config({'ngf': 8})
     generator = build_generator(config)
@@ -328,3 +330,55 @@ def test_a_residual_generator_starts_as_the_identity_and_learns_a_change():
         optimizer.step()
     assert loss.item() < start / 2 and net(x).min() >= -1 and net(x).max() <= 1
     assert net.config['residual'] is True
+
+
+def test_the_intensity_curve_is_numpy_interp_through_its_knots_and_carries_gradients():
+    from model.generator import piecewise_linear
+    knots_in = torch.tensor([-1.0, -0.5, 0.2, 1.0])
+    knots_out = torch.tensor([-1.0, 0.1, 0.3, 1.0])
+    x = torch.linspace(-1, 1, 101, requires_grad=True)
+    y = piecewise_linear(x, knots_in, knots_out)
+    np.testing.assert_allclose(y.detach().numpy(), np.interp(x.detach().numpy(), knots_in.numpy(), knots_out.numpy()),
+                               atol=1e-6)
+    y.sum().backward()
+    slopes = np.diff(knots_out.numpy()) / np.diff(knots_in.numpy())
+    assert set(np.round(x.grad.numpy(), 4)) <= set(np.round(slopes, 4))
+
+
+def test_curve_knots_are_the_foreground_percentiles_between_the_range_ends():
+    from model.generator import CURVE_PERCENTILES, CURVE_POINTS, curve_knots
+    values = torch.rand(10_000) * 1.2 - 0.7  # foreground in [-0.7, 0.5]
+    knots = curve_knots(values)
+    assert knots.shape == (CURVE_POINTS,) and knots[0] == -1 and knots[-1] == 1
+    np.testing.assert_allclose(knots[1:-1].numpy(), np.percentile(values.numpy(), CURVE_PERCENTILES), atol=1e-4)
+    saturated = curve_knots(torch.ones(100))  # every knot at 1: pushed apart so that the curve stays defined
+    assert (saturated.diff() > 0).all() and saturated[-1] <= 1
+
+
+def test_an_intensity_curve_generator_starts_as_histogram_standardisation_and_stores_its_curve(tmp_path):
+    """With --intensity_curve and --residual the untrained generator maps each input intensity through the curve
+    fitted on the two vendors' values: an input drawn like vendor A comes out distributed like vendor B. The curve
+    travels with the weights (a checkpoint rebuilds it), so inference needs nothing else."""
+    from utils.checkpoint import generator_checkpoint, load_generator_checkpoint
+    from utils.trainer import init_weights
+    torch.manual_seed(0)
+    net = Generator(ngf=8, n_res_blocks=1, input_skip=True, residual=True, intensity_curve=True)
+    net.apply(init_weights)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    torch.testing.assert_close(net(x), x)  # the identity until the curve is set
+    vendor_A = torch.rand(20_000) ** 2 * 2 - 1  # dark-skewed
+    vendor_B = torch.rand(20_000) ** 0.5 * 2 - 1  # bright-skewed
+    net.set_intensity_curve(vendor_A, vendor_B)
+    drawn_like_A = (torch.rand(1, 1, 100, 100) ** 2 * 2 - 1)
+    out = net(drawn_like_A).detach().flatten()
+    quantiles = torch.tensor([0.1, 0.5, 0.9])
+    np.testing.assert_allclose(torch.quantile(out, quantiles).numpy(), torch.quantile(vendor_B, quantiles).numpy(),
+                               atol=0.03)
+    assert torch.quantile(drawn_like_A.flatten(), 0.5) < torch.quantile(out, 0.5) - 0.5
+    path = tmp_path / 'G.pth'
+    torch.save(generator_checkpoint(net), path)
+    loaded = load_generator_checkpoint(str(path), arguments={})
+    assert loaded.config['intensity_curve'] is True
+    torch.testing.assert_close(loaded(drawn_like_A), net(drawn_like_A))
+    with pytest.raises(ValueError, match='without intensity_curve'):
+        Generator(ngf=8, n_res_blocks=1).set_intensity_curve(vendor_A, vendor_B)

@@ -198,6 +198,31 @@ def test_matching_weight_is_off_without_pairs_and_an_explicit_one_is_refused(unp
         assert flags[0] in str(info.value) and os.path.join(unpaired, 'trainset') in str(info.value)
 
 
+# ---- the intensity curve ------------------------------------------------------------------------------
+
+def test_intensity_curves_are_fitted_on_each_vendors_training_slices(unpaired, tmp_path):
+    from model.generator import curve_knots
+    args = parse_arguments(['-ex', 't', '--data_root', unpaired, '--save_dir', str(tmp_path), *TINY,
+                            '--residual', '--intensity_curve'])
+    trainer = CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 't'))
+    G_AB, G_BA, train_set = trainer.nets['G_AB'], trainer.nets['G_BA'], trainer.train_set
+    slices = {v: torch.stack([train_set._image(v, k) for k in range(len(train_set.pool[v]))]) for v in VENDORS}
+    knots = {v: curve_knots(images[images > -1]) for v, images in slices.items()}
+    torch.testing.assert_close(G_AB.curve_in, knots['SIEMENS'])
+    torch.testing.assert_close(G_AB.curve_out, knots['Philips'])
+    torch.testing.assert_close(G_BA.curve_in, knots['Philips'])
+    torch.testing.assert_close(G_BA.curve_out, knots['SIEMENS'])
+    with torch.no_grad():  # before any step: SIEMENS slices come out with Philips' foreground histogram
+        fake = G_AB(slices['SIEMENS'])
+    foreground = slices['SIEMENS'] > -1
+    quantiles = torch.tensor([0.25, 0.5, 0.75])
+    philips = slices['Philips'][slices['Philips'] > -1]
+    np.testing.assert_allclose(torch.quantile(fake[foreground], quantiles), torch.quantile(philips, quantiles),
+                               atol=0.02)
+    assert not np.allclose(torch.quantile(slices['SIEMENS'][foreground], quantiles),
+                           torch.quantile(philips, quantiles), atol=0.05)
+
+
 # ---- reference-free figures ---------------------------------------------------------------------------
 
 def test_distribution_metrics_agree_with_scipy_and_skimage():
@@ -229,7 +254,8 @@ def test_distribution_metrics_agree_with_scipy_and_skimage():
 
 @pytest.mark.slow
 def test_unpaired_training_writes_reference_free_figures_and_resumes(unpaired, tmp_path):
-    common = ['-ex', 'u', '--data_root', unpaired, '--save_dir', str(tmp_path), *TINY, '--decay_epoch', '1']
+    common = ['-ex', 'u', '--data_root', unpaired, '--save_dir', str(tmp_path), *TINY, '--decay_epoch', '1',
+              '--residual', '--intensity_curve']
     train.main([*common, '--total_epoch', '2', '--stop_after_epoch', '1'])
     experiment = tmp_path / 'u'
     train.main([*common, '--total_epoch', '2', '--resume'])
@@ -241,6 +267,8 @@ def test_unpaired_training_writes_reference_free_figures_and_resumes(unpaired, t
     with open(experiment / 'model' / 'best.json') as f:
         best = json.load(f)
     assert best['A2B']['epoch'] in (1, 2) and 'vendor_distance' in best['A2B']
-    assert (experiment / 'model' / 'netG_S_to_P_best.pth').exists()
+    best_generator = torch.load(experiment / 'model' / 'netG_S_to_P_best.pth', weights_only=True)
+    assert best_generator['generator_config']['intensity_curve'] is True
+    assert best_generator['state_dict']['curve_out'].min() == -1 and best_generator['state_dict']['curve_out'].max() == 1
     with open(experiment / 'arguments.txt') as f:
         assert json.load(f)['oml_weight'] == 0

@@ -75,6 +75,10 @@ def build_parser():
     model.add_argument('--residual', action=argparse.BooleanOptionalAction, default=False,
                        help='the generator outputs a change added to its input, so it starts as the identity and '
                             'keeps the anatomy from the first step (off in the seed\'s network)')
+    model.add_argument('--intensity_curve', action=argparse.BooleanOptionalAction, default=False,
+                       help='pass the generator\'s input through a fixed intensity curve fitted on the training '
+                            'slices (Nyul histogram standardisation of one vendor onto the other), stored with the '
+                            'generator; with --residual the network learns only what a curve cannot map')
     model.add_argument('--ndf', type=int, default=64, help='discriminator width')
     model.add_argument('--d_layers', type=int, default=3, choices=[1, 2, 3],
                        help='stride-2 layers of the discriminators: each logit sees 16, 34 or 70 pixels square; a '

@@ -125,6 +125,8 @@ class CycleGANTrainer:
         elif args.oml_weight is None:
             args.oml_weight = DEFAULT_MATCHING_WEIGHT
         self._build_networks()
+        if build_data and args.intensity_curve:  # a resumed run then loads the curves it was trained with
+            self._fit_intensity_curves()
         self.start_epoch = 1
         self.best = {}  # direction -> {'epoch': N, 'ssim': value} (with eval pairs) or reference-free figures
         self.train_seconds = 0.0
@@ -189,6 +191,13 @@ class CycleGANTrainer:
                                             lr=args.learning_rate, betas=betas)
         fp16 = self.amp and autocast_dtype(self.device) == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+
+    def _fit_intensity_curves(self):
+        """Each generator's intensity curve from the training slices of its input and its output vendor."""
+        values_A = self.train_set.foreground_values(self.vendor_A)
+        values_B = self.train_set.foreground_values(self.vendor_B)
+        self.nets['G_AB'].set_intensity_curve(values_A, values_B)
+        self.nets['G_BA'].set_intensity_curve(values_B, values_A)
 
     # ---- state -------------------------------------------------------------------------------
     def state(self, epoch):

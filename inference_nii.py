@@ -237,7 +237,8 @@ def build_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--experiment', default=target_experiment, help='experiment folder name under --save_dir')
     parser.add_argument('--epoch', default=None,
-                        help='checkpoint: an epoch number, best (best eval SSIM) or latest; default from best_epochs')
+                        help='checkpoint: an epoch number, best (model/best.json: highest eval SSIM with eval pairs, '
+                             'else lowest vendor distance) or latest; default from best_epochs')
     parser.add_argument('--src_vendor', default='SIEMENS', help='vendor of the input volumes')
     parser.add_argument('--trg_vendor', default='Philips', help='vendor to make them look like')
     parser.add_argument('--input_dir', help='folder of NIfTI volumes '

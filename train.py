@@ -105,8 +105,8 @@ def main(argv=None, clock=None, generator_options=None):
                       'continue with the same command and --resume', file=sys.stderr)
             sys.exit(130)
         if process.is_main:
-            print(f'done after epoch {last_epoch} ({trainer.steps} steps, {trainer.train_seconds:.0f} s of training '
-                  f'steps in this run): results in {experiment_dir}/ '
+            print(f'done after epoch {last_epoch} ({trainer.steps} steps in this run, {trainer.train_seconds:.0f} s of '
+                  f'training steps in all): results in {experiment_dir}/ '
                   f'(summary.json, loss/loss.csv, loss/loss.png, model/, sample/)')
     finally:
         teardown_process_group()

@@ -212,8 +212,17 @@ def print_table(entry, methods, heading):
     sys.stdout.flush()
 
 
+def split_arguments(argv):
+    """(quality.py's arguments, train.py's flags): the @recipe files first, then the flags quality.py does not know,
+    so they override the recipe. The files are pulled out before parsing: argparse would take one that follows
+    --minutes for a time budget."""
+    flag_files = [token for token in argv if token.startswith('@')]
+    args, train_flags = build_parser().parse_known_args([token for token in argv if not token.startswith('@')])
+    return args, flag_files + train_flags
+
+
 def main(argv):
-    args, recipe = build_parser().parse_known_args(argv)
+    args, recipe = split_arguments(argv)
     # the scripts run in the repository: paths given relative to here must not change meaning
     args.work_dir = os.path.abspath(args.work_dir)
     args.data_dir = args.data_dir and os.path.abspath(args.data_dir)

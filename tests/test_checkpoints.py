@@ -92,7 +92,7 @@ def test_an_older_checkpoint_that_arguments_txt_does_not_describe_is_refused_wit
     torch.save(seeded_generator(0, ngf=8, n_res_blocks=1).state_dict(), plain)
     arguments = vars(parse_arguments(['-ex', 'x', *NETWORK]))
     with pytest.raises(UserError, match=r'arguments.txt \(--ngf 8, --n_res_blocks 1, --input_skip True, '
-                                       r'--residual False\)'):
+                                       r'--residual False, --intensity_curve False\)'):
         load_generator_checkpoint(str(plain), {**arguments, 'input_skip': True})
     with pytest.raises(UserError, match="arguments.txt lacks 'ngf'.*add the --ngf it was trained with to it"):
         load_generator_checkpoint(str(plain), {'vendor1': 'SIEMENS', 'vendor2': 'Philips'})

@@ -235,6 +235,15 @@ def test_quality_modes_refuse_bad_values_before_any_work(flags, message, vendor_
     assert not (tmp_path / 'work').exists()
 
 
+def test_a_recipe_right_after_the_time_budgets_is_passed_to_train_py():
+    """The documented form `--minutes 10 @recipe` (argparse alone would read the recipe as a time budget); flags
+    quality.py does not know follow the recipe, so they override it."""
+    args, train_flags = quality.split_arguments(['--mode', 'unpaired', '--minutes', '2', '5', '@recipes/cpu_unpaired.args',
+                                                 '--adv_weight', '0.2'])
+    assert args.minutes == [2.0, 5.0] and args.mode == 'unpaired'
+    assert train_flags == ['@recipes/cpu_unpaired.args', '--adv_weight', '0.2']
+
+
 @pytest.mark.slow
 def test_quality_semi_mode_against_the_pairs_alone(vendor_folders, tmp_path, capsys):
     """Six subjects: 1 and 2 on both vendors, 3 on SIEMENS, 4 on Philips train; 5 and 6 are the test. The recipe

@@ -274,8 +274,9 @@ def split_subjects(usable, vendors, args):
     if not groups[1] and not groups[2] and not args.unpaired and not held_out:
         rest = len(groups[0]) - counts[0]
         if rest < 2:
+            fix = 'add subjects or lower --test_ratio' if counts[0] else 'add subjects'
             raise UserError(f'{len(groups[0])} paired subjects leave {rest} for training and evaluation; at least 2 '
-                            'are needed (one each): add subjects or lower --test_ratio')
+                            f'are needed (one each): {fix}')
     splits = {'trainset': [], 'evalset': [], 'testset': sorted(held_out)}
     for group, n_test in zip(groups, counts):
         for split, names in split_group(group, args.split_ratio, n_test, args.seed).items():

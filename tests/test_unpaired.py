@@ -16,7 +16,7 @@ from dataset.dataset import Paired_Dataset, VendorDraws
 from model.generator import Generator
 from utils.arguments import parse_arguments
 from utils.errors import UserError
-from utils.losses import MatchingTargets, full_weights, generator_losses
+from utils.losses import MatchingTargets, full_weights, generator_losses, scheduled_weights
 from utils.metrics import DistributionMetrics, foreground_values, vendor_distance
 from utils.trainer import CycleGANTrainer
 
@@ -155,6 +155,28 @@ def test_a_single_vendor_slice_never_enters_the_matching_term():
     terms, _, _ = generator_losses(real_A, real_B, G_AB, G_BA, None, None, weights,
                                    matching=MatchingTargets(poisoned_B, none, poisoned_A, none))
     assert terms['Matching'].item() == 0
+
+
+def test_a_warm_up_step_on_a_batch_without_pairs_leaves_the_generators_as_they_are(semi_paired, tmp_path):
+    """Semi-paired data with --warmup_epochs (the matching term alone): a batch of single-vendor slices has no
+    term to learn from; the step runs (it crashed in backward) and moves no weight."""
+    args = parse_arguments(['-ex', 't', '--data_root', semi_paired, '--save_dir', str(tmp_path), *TINY,
+                            '--warmup_epochs', '1'])
+    trainer = CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 't'))
+    weights = scheduled_weights(args, 0.5)
+    assert not (weights.adv or weights.ccl or weights.dist) and weights.oml
+    set_A, set_B = trainer.train_set, trainer.train_set
+    single_A = [k for k, partner in enumerate(set_A.partner['SIEMENS']) if partner < 0][:2]
+    single_B = [k for k, partner in enumerate(set_B.partner['Philips']) if partner < 0][:2]
+    real_A = torch.stack([set_A._image('SIEMENS', k) for k in single_A])
+    real_B = torch.stack([set_B._image('Philips', k) for k in single_B])
+    none = torch.zeros(2, dtype=torch.bool)
+    before = {name: value.clone() for name, value in trainer.nets['G_AB'].state_dict().items()}
+    loss_G, terms, _, _, _ = trainer.step(real_A, real_B, weights,
+                                          MatchingTargets(torch.zeros_like(real_B), none, torch.zeros_like(real_A), none))
+    assert loss_G.item() == 0
+    for name, value in trainer.nets['G_AB'].state_dict().items():
+        torch.testing.assert_close(value, before[name])
 
 
 def test_training_batches_carry_exactly_the_true_pairs(semi_paired, tmp_path):

@@ -99,9 +99,10 @@ class MatchingTargets:
 
 
 def _masked_l1(prediction, target, mask):
-    """L1 over the batch items where mask is True; 0 when there are none."""
+    """L1 over the batch items where mask is True; 0 when there are none, still tied to the prediction so that a
+    step whose only term it is (warm-up, the paired steps of --gan_every) can run backward, with zero gradients."""
     if not bool(mask.any()):
-        return prediction.new_zeros((), dtype=torch.float32)
+        return prediction.float().sum() * 0.0
     return _l1(prediction[mask], target[mask])
 
 

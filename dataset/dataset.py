@@ -215,10 +215,17 @@ class VendorDraws(Sampler):
     The order depends only on (seed, epoch), so a resumed run and every torchrun process draw the same; each
     process takes every world_size-th item (the epoch cut to a multiple of world_size, so all take the same
     number of steps). shuffle=False walks both pools in order (evaluation).
+
+    pairs: (k1, k2) positions of the slices scanned on both vendors; with pair_share, that share of each epoch's
+    items (chosen at random) is replaced by such pairs, every pair in turn, so that the matching term, which only
+    pairs feed, sees them more often than their share of the pools.
     """
 
-    def __init__(self, pool_sizes, seed=0, rank=0, world_size=1, shuffle=True, pool_depths=None):
+    def __init__(self, pool_sizes, seed=0, rank=0, world_size=1, shuffle=True, pool_depths=None, pairs=None,
+                 pair_share=None):
         self.pool_sizes, self.seed, self.rank, self.world_size, self.shuffle = pool_sizes, seed, rank, world_size, shuffle
+        self.pairs = None if pairs is None else torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        self.pair_share = pair_share
         self.pool_depths = None if pool_depths is None else [torch.as_tensor(d, dtype=torch.float64)
                                                              for d in pool_depths]
         self.epoch = 0
@@ -256,6 +263,11 @@ class VendorDraws(Sampler):
             order_A, order_B = (order, matched) if larger == 0 else (matched, order)
         else:
             order_A, order_B = (self._order(size, total, generator) for size in self.pool_sizes)
+        if self.pair_share and self.pairs is not None and len(self.pairs):
+            count = round(total * self.pair_share)
+            where = torch.randperm(total, generator=generator)[:count]
+            chosen = self.pairs[self._order(len(self.pairs), count, generator)]
+            order_A[where], order_B[where] = chosen[:, 0], chosen[:, 1]
         indices = list(zip(order_A.tolist(), order_B.tolist()))
         return indices[self.rank:self.length * self.world_size:self.world_size]
 

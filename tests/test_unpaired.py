@@ -14,7 +14,7 @@ import train
 from conftest import mni_t1, second_vendor, subject_volume
 from dataset.dataset import Paired_Dataset, VendorDraws
 from model.generator import Generator
-from utils.arguments import parse_arguments
+from utils.arguments import parse_arguments, resolve_matching_weight
 from utils.errors import UserError
 from utils.losses import MatchingTargets, full_weights, generator_losses, scheduled_weights
 from utils.metrics import DistributionMetrics, foreground_values, vendor_distance
@@ -131,6 +131,43 @@ def test_vendor_draws_shard_an_epoch_between_processes():
     shards = [VendorDraws([10, 4], seed=1, rank=r, world_size=3).items() for r in range(3)]
     assert all(len(shard) == 3 for shard in shards)
     assert sorted(sum(shards, [])) == sorted(whole[:9])
+
+
+def test_pair_share_draws_that_share_of_items_as_pairs_every_pair_in_turn():
+    pairs = [(0, 5), (3, 1)]
+    plain = VendorDraws([10, 6], seed=2).items()
+    assert VendorDraws([10, 6], seed=2, pairs=pairs).items() == plain  # no share given: the draws are unchanged
+    items = VendorDraws([10, 6], seed=2, pairs=pairs, pair_share=0.6).items()
+    assert len(items) == 10
+    replaced = [i for i, (drawn, before) in enumerate(zip(items, plain)) if drawn != before]
+    assert all(items[i] in pairs for i in replaced)
+    assert sum(item in pairs for item in items) >= 6
+    assert sorted(items.count(pair) for pair in pairs)[0] >= 3  # both pairs, in turn
+    assert VendorDraws([10, 6], seed=2, pairs=pairs, pair_share=1).items().count((0, 5)) == 5
+
+
+def test_pair_share_without_pairs_or_outside_0_to_1_is_refused():
+    with pytest.raises(UserError, match='--pair_share 1.5 is a share'):
+        parse_arguments(['-ex', 'x', '--pair_share', '1.5'])
+    args = parse_arguments(['-ex', 'x', '--pair_share', '0.5'])
+    with pytest.raises(UserError) as info:
+        resolve_matching_weight(args, n_pairs=0, train_dir='data/trainset')
+    assert 'data/trainset has no paired slices' in str(info.value) and 'drop --pair_share' in str(info.value)
+
+
+def test_pair_share_feeds_the_matching_term_that_share_of_a_semi_paired_epoch(semi_paired, tmp_path):
+    counts = {}
+    for share in (None, 0.75):
+        extra = [] if share is None else ['--pair_share', str(share)]
+        args = parse_arguments(['-ex', 't', '--data_root', semi_paired, '--save_dir', str(tmp_path), *TINY, *extra])
+        trainer = CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 't'))
+        counts[share] = 0
+        for real_A, real_B, target_B, has_B, target_A, has_A in trainer.train_loader:
+            for i in range(real_A.shape[0]):  # a drawn pair: each slice is the other's target
+                if has_B[i] and torch.equal(real_B[i], target_B[i]):
+                    assert has_A[i] and torch.equal(real_A[i], target_A[i])
+                    counts[share] += 1
+    assert counts[0.75] >= round(0.75 * len(trainer.train_set)) > counts[None]
 
 
 # ---- the matching term ------------------------------------------------------------------------------

@@ -57,6 +57,10 @@ def build_parser():
     train.add_argument('--match_depth', action='store_true',
                        help='on data that is not all paired, draw each vendor-2 slice among the vendor-2 slices at the '
                             'same depth in their subject as the vendor-1 slice it is drawn with (similar anatomy)')
+    train.add_argument('--pair_share', type=float, default=None,
+                       help='on semi-paired data, the share of training items drawn as a pair (a slice and the other '
+                            'vendor\'s scan of it) instead of independently, so that the matching term sees the few '
+                            'pairs more often; default: as the independent draws fall')
     train.add_argument('--lower_bound', type=float, default=0.1,
                        help='fraction of each subject\'s slices (in slice order) skipped at the start')
     train.add_argument('--upper_bound', type=float, default=0.9,
@@ -130,6 +134,8 @@ def check_arguments(args):
                  'rampup_epochs'):
         if (getattr(args, name) or 0) < 0:
             raise UserError(f'--{name} must be 0 or more')
+    if args.pair_share is not None and not 0 <= args.pair_share <= 1:
+        raise UserError(f'--pair_share {args.pair_share:g} is a share of the training items: pass a number from 0 to 1')
     if args.gan_slices < 0:
         raise UserError('--gan_slices must be 0 (the whole batch) or more')
     if args.gan_every < 1:
@@ -173,6 +179,8 @@ def resolve_matching_weight(args, n_pairs, train_dir):
     if args.warmup_epochs > 0 and not args.oml_weight:
         raise UserError(f'--warmup_epochs {args.warmup_epochs:g} trains with the matching term alone, which '
                         f'{train_dir} cannot have (no pairs); drop --warmup_epochs')
+    if args.pair_share and not n_pairs:
+        raise UserError(f'--pair_share {args.pair_share:g}: {train_dir} has no paired slices to draw; drop --pair_share')
     if args.gan_every > 1 and not args.oml_weight:
         raise UserError(f'--gan_every {args.gan_every} leaves the steps between to the matching term, which '
                         f'{train_dir} cannot have (no pairs); drop --gan_every')

@@ -147,8 +147,11 @@ class CycleGANTrainer:
         if not self.train_set.all_paired:  # each vendor's pool drawn on its own
             pool_sizes = [len(pool) for pool in self.train_set.pool.values()]
             pool_depths = [[self.train_set.depths[i] for i in pool] for pool in self.train_set.pool.values()]
+            partner_A = self.train_set.partner[self.vendor_A]
+            pairs = [(k, int(partner)) for k, partner in enumerate(partner_A) if partner >= 0]
             self.train_sampler = VendorDraws(pool_sizes, args.random_seed, process.rank, process.world_size,
-                                             pool_depths=pool_depths if args.match_depth else None)
+                                             pool_depths=pool_depths if args.match_depth else None,
+                                             pairs=pairs, pair_share=args.pair_share)
         elif process.distributed:
             self.train_sampler = DistributedSampler(self.train_set, process.world_size, process.rank,
                                                     shuffle=True, seed=args.random_seed)

@@ -3,7 +3,7 @@
     python experiments/quality.py --minutes 10 @recipes/cpu.args
     python experiments/quality.py --minutes 2 5 10 @recipes/cpu.args --ccl_weight 5  # flags after the recipe override it
     python experiments/quality.py --mode unpaired --minutes 10 @recipes/cpu_unpaired.args
-    python experiments/quality.py --mode semi --minutes 10 @recipes/cpu_unpaired.args
+    python experiments/quality.py --mode semi --minutes 10 @recipes/cpu_semi_paired.args
 
 --mode paired (the default): for each time budget it trains (train.py --max_minutes) the recipe and a paired-L1
 reference (the same flags, but only the original matching loss: no adversarial, cycle or identity term, no

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import RandomSampler
 
 import train
-from conftest import mni_t1, second_vendor, subject_volume
+from conftest import REPO, mni_t1, second_vendor, subject_volume
 from dataset.dataset import Paired_Dataset, VendorDraws
 from model.generator import Generator
 from utils.arguments import parse_arguments, resolve_matching_weight
@@ -250,11 +250,14 @@ def test_matching_weight_is_off_without_pairs_and_an_explicit_one_is_refused(unp
     args = parse_arguments(['-ex', 't', '--data_root', unpaired, '--save_dir', str(tmp_path), *TINY])
     CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 't'))
     assert args.oml_weight == 0
-    for flags in (['--oml_weight', '5'], ['--warmup_epochs', '2'], ['--gan_every', '2']):
+    semi_recipe = '@' + os.path.join(REPO, 'recipes', 'cpu_semi_paired.args')
+    for flags in (['--oml_weight', '5'], ['--warmup_epochs', '2'], ['--gan_every', '2'], ['--pair_share', '0.5'],
+                  [semi_recipe]):
         args = parse_arguments(['-ex', 't', '--data_root', unpaired, '--save_dir', str(tmp_path), *TINY, *flags])
         with pytest.raises(UserError) as info:
             CycleGANTrainer(args, torch.device('cpu'), str(tmp_path / 't'))
-        assert flags[0] in str(info.value) and os.path.join(unpaired, 'trainset') in str(info.value)
+        flag = '--oml_weight' if flags == [semi_recipe] else flags[0]  # the recipe's first flag that needs pairs
+        assert flag in str(info.value) and os.path.join(unpaired, 'trainset') in str(info.value)
 
 
 # ---- the intensity curve ------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ class VendorDraws(Sampler):
     def __init__(self, pool_sizes, seed=0, rank=0, world_size=1, shuffle=True, pool_depths=None, pairs=None,
                  pair_share=None):
         self.pool_sizes, self.seed, self.rank, self.world_size, self.shuffle = pool_sizes, seed, rank, world_size, shuffle
-        self.pairs = None if pairs is None else torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        self.pairs = torch.as_tensor(pairs or [], dtype=torch.long).reshape(-1, 2)
         self.pair_share = pair_share
         self.pool_depths = None if pool_depths is None else [torch.as_tensor(d, dtype=torch.float64)
                                                              for d in pool_depths]
@@ -263,7 +263,7 @@ class VendorDraws(Sampler):
             order_A, order_B = (order, matched) if larger == 0 else (matched, order)
         else:
             order_A, order_B = (self._order(size, total, generator) for size in self.pool_sizes)
-        if self.pair_share and self.pairs is not None and len(self.pairs):
+        if self.pair_share and len(self.pairs):
             count = round(total * self.pair_share)
             where = torch.randperm(total, generator=generator)[:count]
             chosen = self.pairs[self._order(len(self.pairs), count, generator)]

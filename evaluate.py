@@ -5,8 +5,10 @@
         --source_dir dataset/Harmonization_dataset/testset/SIEMENS \
         --reference_dir dataset/Harmonization_dataset/testset/Philips    # optional: the same subjects on the target
 
-Works on any tool's outputs. Harmonized files are matched to their source, reference and mask by file stem
-(`{stem}_harmonized.nii.gz`, as inference_nii.py writes them, or `{stem}.nii.gz`). Each volume is compared with
+Works on any tool's outputs, on scans as scanners write them (noise in the air, a head around the brain) or
+skull-stripped ones. Harmonized files are matched to their source, reference and mask by file stem
+(`{stem}_harmonized.nii.gz`, as inference_nii.py writes them, or `{stem}.nii.gz`); every figure is computed inside
+the anatomy (--mask_dir, or found in the scans: utils/anatomy.py). Each volume is compared with
 the unharmonized input, Nyul standardisation fitted on the --target_dir scans, histogram matching to the pooled
 --target_dir histogram and, where a reference exists, the oracle (histogram matching to that very reference).
 Writes OUTPUT_DIR/metrics.csv (one row per volume and method, then the means) and OUTPUT_DIR/previews/{stem}.png,
@@ -20,6 +22,7 @@ import warnings
 
 from tqdm import tqdm
 
+from utils.anatomy import require_mask
 from utils.cli import CliParser
 from utils.errors import UserError, run_cli
 from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, subject_stem, write_table
@@ -37,8 +40,10 @@ def build_parser():
                                              'baselines')
     parser.add_argument('--reference_dir', help='the same subjects scanned on the target vendor, same stems: adds '
                                                 'SSIM, PSNR, MAE, Detail and the tissue-volume difference')
-    parser.add_argument('--mask_dir', help='brain masks {stem}.nii(.gz) or {stem}_mask.nii(.gz); without one, the '
-                                           'foreground is the non-zero voxels of the source and reference')
+    parser.add_argument('--mask_dir', help='masks of the anatomy (brain or head, non-zero inside) named after each '
+                                           'subject, {stem}.nii(.gz) or {stem}_mask.nii(.gz); target-vendor scans '
+                                           'use theirs where it is there. Without it the anatomy is found in the '
+                                           'source and reference scans (utils/anatomy.py)')
     parser.add_argument('--output_dir', help='where metrics.csv and previews/ go (default HARMONIZED_DIR/evaluation)')
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier metrics.csv and previews/ there')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
@@ -82,7 +87,7 @@ def main(argv=None):
         raise UserError(f'--output_dir {output_dir} already holds {" and ".join(earlier)} of an earlier evaluation; '
                         'pass --overwrite to replace them or choose another --output_dir')
     check_writable_folder(output_dir, '--output_dir')
-    target = TargetVendor(args.target_dir)
+    target = TargetVendor(args.target_dir, mask_dir=args.mask_dir)
     print(f'{len(stems)} harmonized volume(s) from {args.harmonized_dir} against {len(target.paths)} target-vendor '
           f'scan(s) from {args.target_dir} (Nyul fitted on them)')
 
@@ -95,7 +100,7 @@ def main(argv=None):
                     stem, path, target,
                     source_path=matches.get('--source_dir', {}).get(stem),
                     reference_path=matches.get('--reference_dir', {}).get(stem),
-                    mask_path=find_by_stem(args.mask_dir, stem, ('', '_mask')) if args.mask_dir else None,
+                    mask_path=require_mask(args.mask_dir, stem, path) if args.mask_dir else None,
                     figure_path=os.path.join(output_dir, 'previews', f'{stem}.png'))
             for warning in caught:
                 tqdm.write(f'warning: {warning.message}')

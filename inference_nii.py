@@ -15,10 +15,12 @@ are optional: with either, each output is judged as evaluate.py judges it (metri
 From Python: `from inference_nii import main; main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips')`.
 
 Each volume is brought to canonical orientation, resampled to the experiment's voxel spacing when the
-dataset was made with --voxel_size, normalised as in dataset generation, harmonized slice by slice in
-batches, resampled back onto the input's own grid, put into the target vendor's intensity scale (both
-recorded in the experiment's dataset_info.json), returned to the input's own orientation and written as
-float32 `{stem}_harmonized.nii.gz` with the input's shape and affine.
+dataset was made with --voxel_size, normalised as in dataset generation, its anatomy (utils/anatomy.py, or
+--mask_dir) harmonized slice by slice in batches with the air set to 0 as in training, resampled back onto the
+input's own grid, put into the target vendor's intensity scale (both recorded in the experiment's
+dataset_info.json), returned to the input's own orientation and written as float32
+`{stem}_harmonized.nii.gz` with the input's shape and affine. Outside the anatomy the output is the input's own
+background, as dark relative to the tissue as it was.
 """
 import argparse
 import json
@@ -40,8 +42,10 @@ from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, re
 from utils.errors import UserError, run_cli
 from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, write_table
 from utils.paths import check_writable_folder
-from utils.volume import (axial_slices, denormalise, from_canonical, list_nifti, load_volume, nifti_stem,
-                          normalise, resample_onto, resample_to_spacing, save_like, stack_axial, to_canonical)
+from utils.anatomy import anatomy_mask, find_mask, read_mask, reference_region, require_mask, resample_mask
+from utils.volume import (anatomy_only, axial_slices, denormalise, from_canonical, list_nifti, load_volume,
+                          nifti_stem, normalise, resample_onto, resample_to_spacing, save_like, stack_axial,
+                          to_canonical)
 
 # ---- edit these (or pass the flags of the same meaning) -------------------------------------------
 target_experiment = 'MyExperiment'            # a folder under save_root written by train.py
@@ -130,12 +134,16 @@ def harmonize_slices(generator, slices, batch_size, device, amp=False, progress=
     return output
 
 
-def harmonize_volume(generator, path, scale, batch_size, device, amp=False, voxel_size=None):
+def harmonize_volume(generator, path, scale, batch_size, device, amp=False, voxel_size=None, mask_path=None):
     """Harmonize one NIfTI: returns (original image, output data in the input's orientation,
     canonical normalised input, canonical harmonized output in [0, 1]), all on the input's own grid.
 
-    With voxel_size (the experiment's spacing) the generator sees the volume resampled to that spacing, as
-    in training, and its output is resampled back onto the input's grid."""
+    The anatomy (utils.anatomy: from mask_path where given, else found in the image) is normalised and harmonized
+    as in training, with the air set to 0 as the networks saw it; outside the anatomy the output is the input's
+    own background in the output's units (normalised by the input's robust maximum, scaled by the target's), so
+    the air stays as dark, relative to the tissue, as it was. With voxel_size (the experiment's spacing) the
+    generator sees the volume resampled to that spacing, as in training, and its output is resampled back onto
+    the input's grid."""
     image = load_volume(path)
     canonical = to_canonical(image)
     resampled = resample_to_spacing(canonical, voxel_size) if voxel_size is not None else canonical
@@ -143,27 +151,32 @@ def harmonize_volume(generator, path, scale, batch_size, device, amp=False, voxe
         raise UserError(f'{path}: axial slices of {resampled.shape[0]}x{resampled.shape[1]} voxels are too small '
                         'to harmonize (at least 8x8)')
     data = np.asarray(canonical.dataobj, dtype=np.float32)
+    anatomy = read_mask(mask_path, canonical, path) if mask_path else anatomy_mask(data, path)
     resampled_data = np.asarray(resampled.dataobj, dtype=np.float32)
+    resampled_anatomy = anatomy if voxel_size is None else (resample_mask(anatomy, canonical, resampled) if mask_path
+                                                            else anatomy_mask(resampled_data, path))
     try:
-        normalised, _ = normalise(data)
-        model_input = normalise(resampled_data)[0] if voxel_size is not None else normalised
+        normalised, _ = normalise(data, region=reference_region(data, anatomy))
+        model_input = (normalise(resampled_data, region=reference_region(resampled_data, resampled_anatomy))[0]
+                       if voxel_size is not None else normalised)
     except ValueError:
-        raise UserError(f'{path}: no positive voxels (an empty volume); nothing to harmonize') from None
-    slices = axial_slices(model_input)
+        raise UserError(f'{path}: no positive voxels in its anatomy (an empty volume); nothing to harmonize') from None
+    slices = axial_slices(anatomy_only(model_input, resampled_anatomy))
     fake = stack_axial(harmonize_slices(generator, slices, batch_size, device, amp, progress=len(slices) > 4 * batch_size))
-    fake[resampled_data <= 0] = 0  # the background stays background
+    fake[~resampled_anatomy] = 0
     if voxel_size is not None:
         fake = np.clip(resample_onto(nib.Nifti1Image(fake, resampled.affine), canonical), 0, 1)
-        fake[data <= 0] = 0
+    fake = np.where(anatomy, fake, normalised)  # the air stays the input's air
     output = denormalise(fake, scale) if scale is not None else fake
     return image, from_canonical(output, image), normalised, fake
 
 
 def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experiment=None, epoch=None,
          results_root=None, reference_dir=None, batch_size=None, device=None, overwrite=False, amp='off',
-         target_dir=None):
+         target_dir=None, mask_dir=None):
     """Harmonize every NIfTI in data_dir into save_dir; returns the list of volumes that failed. With reference_dir
-    or target_dir, each new output is evaluated as evaluate.py does (metrics.csv and previews/ in save_dir)."""
+    or target_dir, each new output is evaluated as evaluate.py does (metrics.csv and previews/ in save_dir). With
+    mask_dir, each input's anatomy is its mask there (utils.anatomy.find_mask), else it is found in the image."""
     keep_freed_memory()
     experiment = experiment or target_experiment
     epoch = epoch if epoch is not None else best_epochs.get(f'{src_vendor}_to_{trg_vendor}', 'best')
@@ -180,7 +193,12 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
         raise UserError(f'--output_dir {save_dir} is the input folder; write the outputs to another folder')
     if reference_dir is not None and not os.path.isdir(reference_dir):
         raise UserError(f'--reference_dir {reference_dir}: no such folder')
-    target = TargetVendor(target_dir) if target_dir is not None else None
+    if mask_dir is not None and not os.path.isdir(mask_dir):
+        raise UserError(f'--mask_dir {mask_dir}: no such folder')
+    if mask_dir is not None:
+        for path in inputs:  # every mask is there before anything is written
+            require_mask(mask_dir, nifti_stem(path), path, src_vendor)
+    target = TargetVendor(target_dir, mask_dir=mask_dir) if target_dir is not None else None
     generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     scale = target_scale(experiment_dir, trg_vendor)
     voxel_size = training_spacing(experiment_dir)
@@ -203,8 +221,9 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
+                mask_path = find_mask(mask_dir, stem, src_vendor) if mask_dir else None
                 image, output, source, harmonized = harmonize_volume(generator, path, scale, batch_size,
-                                                                     torch_device, amp, voxel_size)
+                                                                     torch_device, amp, voxel_size, mask_path)
             for warning in caught:
                 tqdm.write(f'warning: {warning.message}')
             save_like(output, image, output_path)
@@ -215,6 +234,7 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
                            f'no metrics against it for {stem}')
             if reference_path or target is not None:
                 rows += evaluate_volume(stem, output_path, target, source_path=path, reference_path=reference_path,
+                                        mask_path=mask_path,
                                         figure_path=os.path.join(save_dir, 'previews', f'{stem}.png'))
         except UserError as error:
             failed.append(path)
@@ -249,6 +269,10 @@ def build_parser():
     parser.add_argument('--reference_dir', help='target-vendor volumes with the same names: adds metrics.csv and previews')
     parser.add_argument('--target_dir', help='real target-vendor scans of any subjects: adds the vendor distance and '
                                              'the Nyul / histogram-matching baselines to metrics.csv (see evaluate.py)')
+    parser.add_argument('--mask_dir', help='masks of the anatomy (non-zero inside), named after each input '
+                                           '({stem}.nii.gz or {stem}_mask.nii.gz, in MASK_DIR/SRC_VENDOR/ or '
+                                           'MASK_DIR/); without it the anatomy is found in each volume '
+                                           '(utils/anatomy.py)')
     parser.add_argument('--batch_size', type=int, default=batch_size, help='slices per generator call')
     parser.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default=device)
     parser.add_argument('--amp', nargs='?', const='on', default='off', choices=AMP_CHOICES,
@@ -271,7 +295,7 @@ def cli(argv):
     failed = main(input_dir, output_dir, args.src_vendor, args.trg_vendor, experiment=args.experiment,
                   epoch=args.epoch, results_root=args.save_dir, reference_dir=args.reference_dir,
                   batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, amp=args.amp,
-                  target_dir=args.target_dir)
+                  target_dir=args.target_dir, mask_dir=args.mask_dir)
     if failed:
         sys.exit(1)
 

@@ -37,9 +37,10 @@ from tqdm import tqdm
 from utils.cli import CliParser
 from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
-from utils.volume import (NIFTI_SUFFIXES, natural_key, RESAMPLE_ORDER, ROBUST_PERCENTILE, axial_slices, check_same_spacing,
-                          list_nifti, load_volume, nifti_stem, normalise, pad_or_crop, resample_onto,
-                          resample_to_spacing, robust_max, to_canonical, voxel_spacing)
+from utils.anatomy import MaskError, anatomy_mask, read_mask, reference_region, require_mask, resample_mask
+from utils.volume import (NIFTI_SUFFIXES, natural_key, RESAMPLE_ORDER, ROBUST_PERCENTILE, anatomy_only, axial_slices,
+                          check_same_spacing, list_nifti, load_volume, nifti_stem, normalise, pad_or_crop,
+                          resample_onto, resample_to_spacing, robust_max, to_canonical, voxel_spacing)
 
 SLICE_SUFFIXES = ('.png', '.tif', '.tiff', '.npy')
 SPLITS = ('trainset', 'evalset', 'testset')
@@ -77,6 +78,10 @@ def build_parser():
     parser.add_argument('--resample', action='store_true',
                         help='resample vendor 2 onto vendor 1\'s grid when a pair\'s grids differ (else the pair '
                              'is skipped)')
+    parser.add_argument('--mask_dir',
+                        help='masks of the anatomy (non-zero inside the brain or head), one per scan, named after '
+                             'it (subj_001.nii.gz or subj_001_mask.nii.gz), in <mask_dir>/<vendor>/ or in '
+                             '<mask_dir>/ itself; without it the anatomy is found in each scan (utils/anatomy.py)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the subject split')
     parser.add_argument('--overwrite', action='store_true', help='replace a dataset already in --output_dir')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
@@ -144,9 +149,9 @@ def same_grid(a, b):
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3 * max(voxel, 1.0))
 
 
-def load_pair(subject, path1, path2, kind, resample, vendors, voxel_size=None):
-    """Both vendors' data of one subject on one grid in canonical orientation, (X, Y, Z) float32 arrays, and
-    that grid (an image; None for 2-D slices)."""
+def load_pair(subject, path1, path2, kind, resample, vendors, voxel_size=None, mask_dir=None):
+    """Both vendors' data of one subject on one grid in canonical orientation, (X, Y, Z) float32 arrays, their
+    anatomy masks (utils.anatomy) on that grid, and the grid (an image; None for 2-D slices)."""
     if kind == 'slices':
         stems1, stems2 = set(slice_names(path1)), set(slice_names(path2))
         unmatched = sorted(stems1 ^ stems2, key=natural_key)
@@ -159,7 +164,7 @@ def load_pair(subject, path1, path2, kind, resample, vendors, voxel_size=None):
         if data1.shape != data2.shape:
             raise UserError(f'subject {subject}: {vendors[0]} slices {data1.shape} and {vendors[1]} slices '
                             f'{data2.shape} differ; the pair must match slice for slice')
-        return data1, data2, None
+        return data1, data2, anatomy_mask(data1, path1), anatomy_mask(data2, path2), None
     image1, image2 = to_canonical(load_volume(path1)), to_canonical(load_volume(path2))
     on_one_grid = same_grid(image1, image2)
     if not on_one_grid and not resample:
@@ -168,37 +173,54 @@ def load_pair(subject, path1, path2, kind, resample, vendors, voxel_size=None):
                         'vendor 1\'s grid')
     grid = resample_to_spacing(image1, voxel_size) if voxel_size else image1
     data1 = np.asarray(grid.dataobj, dtype=np.float32)
-    data2 = (np.asarray(image2.dataobj, dtype=np.float32) if on_one_grid and not voxel_size
-             else resample_onto(image2, grid))
-    return data1, np.clip(data2, 0, None), grid
+    moved = voxel_size or not on_one_grid
+    data2 = np.clip(resample_onto(image2, grid), 0, None) if moved else np.asarray(image2.dataobj, dtype=np.float32)
+    mask1 = grid_mask(data1, path1, image1, grid, mask_dir, vendors[0])
+    mask2 = grid_mask(data2, path2, image2, grid, mask_dir, vendors[1])
+    return data1, data2, mask1, mask2, grid
 
 
-def load_single(path, kind, voxel_size=None):
-    """One vendor's data of one subject in canonical orientation, an (X, Y, Z) float32 array, and its grid (an
-    image; None for 2-D slices)."""
+def grid_mask(data, path, image, grid, mask_dir, vendor):
+    """The anatomy of the scan `image` (canonical) whose voxels on `grid` are `data`: its mask in mask_dir carried
+    onto the grid (nearest neighbour), or found in the data (utils.anatomy)."""
+    if not mask_dir:
+        return anatomy_mask(data, path)
+    mask = read_mask(require_mask(mask_dir, nifti_stem(path), path, vendor), image, path)
+    return mask if grid is image else resample_mask(mask, image, grid)
+
+
+def load_single(path, kind, vendor, voxel_size=None, mask_dir=None):
+    """One vendor's data of one subject in canonical orientation, an (X, Y, Z) float32 array, its anatomy mask
+    (utils.anatomy) and its grid (an image; None for 2-D slices)."""
     if kind == 'slices':
         data, _ = load_slice_folder(path, slice_names(path))
-        return data, None
+        return data, anatomy_mask(data, path), None
     image = to_canonical(load_volume(path))
-    if voxel_size:
-        image = resample_to_spacing(image, voxel_size)
-    return np.asarray(image.dataobj, dtype=np.float32), image
+    grid = resample_to_spacing(image, voxel_size) if voxel_size else image
+    data = np.asarray(grid.dataobj, dtype=np.float32)
+    return data, grid_mask(data, path, image, grid, mask_dir, vendor), grid
 
 
 def load_unit(unit, kind, args, vendors):
-    """{vendor: canonical (X, Y, Z) float32 data} of one folder to write, and its grid (None for 2-D slices)."""
+    """{vendor: canonical (X, Y, Z) float32 data} of one folder to write, {vendor: its anatomy mask} and the grid
+    (None for 2-D slices)."""
     if len(unit.sources) == 2:
-        data1, data2, grid = load_pair(unit.subject, unit.sources[vendors[0]], unit.sources[vendors[1]], kind,
-                                       args.resample, vendors, args.voxel_size)
-        return {vendors[0]: data1, vendors[1]: data2}, grid
+        data1, data2, mask1, mask2, grid = load_pair(unit.subject, unit.sources[vendors[0]],
+                                                     unit.sources[vendors[1]], kind, args.resample, vendors,
+                                                     args.voxel_size, args.mask_dir)
+        return {vendors[0]: data1, vendors[1]: data2}, {vendors[0]: mask1, vendors[1]: mask2}, grid
     (vendor, path), = unit.sources.items()
-    data, grid = load_single(path, kind, args.voxel_size)
-    return {vendor: data}, grid
+    data, mask, grid = load_single(path, kind, vendor, args.voxel_size, args.mask_dir)
+    return {vendor: data}, {vendor: mask}, grid
 
 
-def check_subject(subject, data, vendor, path):
-    if robust_max(data) <= 0:
-        raise UserError(f'subject {subject}: {path} ({vendor}) has no positive voxels (all zero?); remove it')
+def volume_scale(subject, data, mask, vendor, path):
+    """The robust maximum of one scan over its reference region (utils.anatomy), or UserError."""
+    scale = robust_max(data, reference_region(data, mask))
+    if not scale > 0:
+        raise UserError(f'subject {subject}: {path} ({vendor}) has no positive voxels in its anatomy (all zero?); '
+                        'remove it')
+    return scale
 
 
 class Unit:
@@ -357,6 +379,11 @@ def main(argv=None):
     subjects2, kind2 = find_subjects(args.vendor2_dir)
     if kind1 != kind2:
         raise UserError(f'{args.vendor1_dir} holds {kind1} but {args.vendor2_dir} holds {kind2}; use one kind of input')
+    if kind1 == 'slices' and args.mask_dir:
+        raise UserError('--mask_dir takes NIfTI masks of NIfTI volumes; 2-D slices are masked from the image: leave '
+                        'it out')
+    if args.mask_dir and not os.path.isdir(args.mask_dir):
+        raise UserError(f'--mask_dir {args.mask_dir}: no such folder')
     if kind1 == 'slices' and args.voxel_size:
         raise UserError('--voxel_size resamples NIfTI volumes; 2-D slices carry no voxel size: leave it out')
     for name in args.test_subjects or ():
@@ -376,17 +403,20 @@ def main(argv=None):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
-                volumes, grid = load_unit(unit, kind1, args, vendors)
+                volumes, masks, grid = load_unit(unit, kind1, args, vendors)
             for warning in caught:
                 tqdm.write(f'warning: {warning.message}', file=sys.stderr)
-            for vendor, data in volumes.items():
-                check_subject(unit.subject, data, vendor, unit.sources[vendor])
+            unit_scales = {vendor: volume_scale(unit.subject, data, masks[vendor], vendor, unit.sources[vendor])
+                           for vendor, data in volumes.items()}
+        except MaskError:
+            raise  # a missing or wrong mask is the user's to fix, not a scan to skip
         except UserError as error:
             problems.append(str(error))
             tqdm.write(f'skipped: {error}', file=sys.stderr)
             continue
-        scales[unit.folder] = {vendor: robust_max(data) for vendor, data in volumes.items()}
-        slice_sizes.add(tuple(data.shape[:2]) if args.image_size is None else tuple(args.image_size))
+        scales[unit.folder] = unit_scales
+        slice_sizes.add(tuple(next(iter(volumes.values())).shape[:2]) if args.image_size is None
+                        else tuple(args.image_size))
         if grid is not None:
             spacings.append((next(iter(unit.sources.values())), voxel_spacing(grid)))
     units = [unit for unit in units if unit.folder in scales]
@@ -426,8 +456,9 @@ def main(argv=None):
             for unit in tqdm([u for u in units if u.folder in splits[split]], desc=f'writing {split}', unit='subject'):
                 with warnings.catch_warnings():
                     warnings.simplefilter('ignore')
-                    volumes, _ = load_unit(unit, kind1, args, vendors)
-                volumes = {vendor: normalise(data, scales[unit.folder][vendor])[0] for vendor, data in volumes.items()}
+                    volumes, masks, _ = load_unit(unit, kind1, args, vendors)
+                volumes = {vendor: anatomy_only(normalise(data, scales[unit.folder][vendor])[0], masks[vendor])
+                           for vendor, data in volumes.items()}
                 size = write_slices(os.path.join(staging, split, unit.folder), volumes, args.image_size)
                 count = next(iter(volumes.values())).shape[2]
                 n_slices[split] += count
@@ -457,8 +488,11 @@ def main(argv=None):
             'orientation': 'closest canonical (RAS+); axial slices are the last voxel axis' if kind1 == 'nifti'
                            else 'as stored (2-D slices)',
             'normalisation': {'method': 'robust_max', 'percentile': ROBUST_PERCENTILE, 'clip': [0.0, 1.0],
-                              'description': 'each volume divided by the given percentile of its non-zero '
-                                             'voxels, then clipped to [0, 1]'},
+                              'description': 'each volume divided by the given percentile of its reference '
+                                             'region (the brain, or the whole anatomy where no head surrounds '
+                                             'it: utils/anatomy.py), clipped to [0, 1], and every voxel outside '
+                                             'the anatomy set to 0'},
+            'masks': os.path.abspath(args.mask_dir) if args.mask_dir else 'computed from each scan (utils/anatomy.py)',
             'intensity_scale': {vendor: float(np.median([scales[folder][vendor] for folder in
                                                          vendor_subjects[vendor]['trainset']]))
                                 for vendor in vendors},

@@ -1,10 +1,12 @@
 """Synthetic paired two-vendor T1w demo data built from the MNI152 template shipped with nilearn.
 
     python dataset/make_demo_data.py --output_dir demo/nifti [--subjects 12] [--voxel_size 2.0]
-                                     [--vendor1 SIEMENS] [--vendor2 Philips] [--seed 0] [--overwrite]
+                                     [--background noise|zero] [--head] [--vendor1 SIEMENS] [--vendor2 Philips]
+                                     [--seed 0] [--overwrite]
 
 writes <output_dir>/<vendor1>/subj_001.nii.gz ... and <output_dir>/<vendor2>/subj_001.nii.gz ...:
-the same synthetic "subject" scanned on two scanners, so the two files of one stem are a pair.
+the same synthetic "subject" scanned on two scanners, so the two files of one stem are a pair, and
+<output_dir>/masks/<vendor>/subj_001.nii.gz: each scan's brain mask, stored as the scan is.
 Nothing is downloaded: the T1 template and its grey / white matter maps are inside nilearn.
 
 Anatomy.  Each subject is the 1 mm MNI152 (2009) template, its GM and WM probability maps and
@@ -35,8 +37,16 @@ Acquisition model (vendor1 / vendor2 are roles; --vendor1/--vendor2 only name th
 (deep grey nuclei, WM tracts, cortical detail); giving it a different weight per vendor, together
 with different GM/WM/CSF ratios (partial-volume voxels), different PSFs and independent bias
 fields, makes the vendor2 image NOT a monotone function of the vendor1 image, so histogram
-matching alone cannot harmonise the pair.  Signal outside the brain mask is set to exactly 0
-after the noise, in both vendors (the "zero background" convention).  Orientations are applied
+matching alone cannot harmonise the pair.
+
+Scans as scanners write them (the default, --background noise): the magnitude image has Rician noise
+everywhere, so the air outside the head is noise of the vendor's sigma, as inside.  --background zero
+sets everything outside the brain mask to exactly 0 after the noise (a skull-stripped scan).
+--head puts a head around the brain (the template is skull-stripped): shells at a distance d from the
+brain mask, CSF/dura (d < 2 mm), inner table of the skull (2-4 mm, dark), marrow (4-7 mm, bright),
+outer table (7-9 mm), muscle (9-12 mm), subcutaneous fat (12-16 mm, brighter than white matter on T1)
+and skin (16-18 mm), with the vendor's level of each (bone, marrow, muscle, fat, skin in the table's
+models); the grid then grows by 24 mm on every side but the bottom, so that there is air around it.  Orientations are applied
 with nibabel's orientation tools, so after nibabel.as_closest_canonical the two files of a pair
 have the same shape and affine.  Output is deterministic given --seed (subject i depends only on
 the seed and i).
@@ -55,17 +65,22 @@ from tqdm import tqdm
 
 # Vendor acquisition models; see the table in the module docstring.
 VENDOR_MODELS = (
-    dict(wm=1.00, gm=0.60, csf=0.12, texture=1.0,
+    dict(wm=1.00, gm=0.60, csf=0.12, texture=1.0, bone=0.04, marrow=0.85, muscle=0.45, fat=1.30, skin=0.60,
          fwhm_mm=(1.2, 1.2, 1.2), noise=0.030, wm_level=700.0,
          dtype=np.int16, scl_slope=0.05,
          orientations=('RAS', 'LAS', 'SRA')),
-    dict(wm=1.00, gm=0.75, csf=0.40, texture=0.20,
+    dict(wm=1.00, gm=0.75, csf=0.40, texture=0.20, bone=0.06, marrow=0.80, muscle=0.55, fat=1.15, skin=0.70,
          fwhm_mm=(2.0, 2.0, 3.2), noise=0.050, wm_level=2800.0,
          dtype=np.float32, scl_slope=None,
          orientations=('LPS', 'RAS', 'SLP')),
 )
 MIN_VOXEL_MM, MAX_VOXEL_MM = 1.0, 8.0
 MASK_THRESHOLD = 0.01  # the shipped template is skull-stripped: anything above ~0 is brain
+BACKGROUNDS = ('noise', 'zero')
+# (tissue, outer distance from the brain mask in mm) of the head's shells, inside out
+HEAD_LAYERS = (('csf', 2.0), ('bone', 4.0), ('marrow', 7.0), ('bone', 9.0), ('muscle', 12.0), ('fat', 16.0),
+               ('skin', 18.0))
+HEAD_MARGIN_MM = 24.0
 
 
 class DemoDataError(ValueError):
@@ -118,13 +133,14 @@ def load_template():
     return maps, t1_img.affine
 
 
-def output_grid(template_shape, template_affine, voxel_size):
-    """Shape and RAS affine of the voxel_size grid over the template's field of view."""
+def output_grid(template_shape, template_affine, voxel_size, margin_mm=0.0):
+    """Shape and RAS affine of the voxel_size grid over the template's field of view, grown by margin_mm on
+    every side but the bottom (the template's field of view ends in the brain stem)."""
     template_zooms = np.abs(np.diag(template_affine)[:3])
-    extent = (np.asarray(template_shape) - 1) * template_zooms
+    extent = (np.asarray(template_shape) - 1) * template_zooms + np.array([2, 2, 1]) * margin_mm
     shape = tuple(int(n) for n in np.floor(extent / voxel_size + 1e-6).astype(int) + 1)
     affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
-    affine[:3, 3] = template_affine[:3, 3]
+    affine[:3, 3] = template_affine[:3, 3] - np.array([margin_mm, margin_mm, 0.0])
     return shape, affine
 
 
@@ -156,8 +172,9 @@ def rotation_matrix(angles):
     return rz @ ry @ rx
 
 
-def subject_anatomy(maps, template_affine, brain_centre, shape, affine, rng):
-    """One subject's T1 / GM / WM / CSF / mask on the output grid, via a random smooth warp."""
+def subject_anatomy(maps, template_affine, brain_centre, shape, affine, rng, head=False):
+    """One subject's T1 / GM / WM / CSF / mask on the output grid, via a random smooth warp; with head, the
+    fractions of each head shell (head_<tissue>) around the warped brain mask too."""
     voxel_size = affine[0, 0]
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
     world = affine[:3, :3] @ grid + affine[:3, 3:4]
@@ -189,7 +206,18 @@ def subject_anatomy(maps, template_affine, brain_centre, shape, affine, rng):
     gm[over] /= total[over]
     wm[over] /= total[over]
     csf = np.clip(soft_mask - gm - wm, 0.0, 1.0)
-    return dict(t1=sample('t1'), gm=gm, wm=wm, csf=csf, mask=mask)
+    anatomy = dict(t1=sample('t1'), gm=gm, wm=wm, csf=csf, mask=mask)
+    if head:
+        # Shell fractions from the distance to the brain's soft edge, a voxel-wide ramp at each border so that
+        # the PSF, not the grid, decides how sharp the layers look.
+        distance = ndimage.distance_transform_edt(soft_mask < 0.5, sampling=voxel_size)
+        inner = 0.0
+        for tissue, outer in HEAD_LAYERS:
+            share = (np.clip((distance - inner) / voxel_size + 0.5, 0, 1)
+                     * np.clip((outer - distance) / voxel_size + 0.5, 0, 1)) * (1.0 - soft_mask)
+            anatomy[f'head_{tissue}'] = anatomy.get(f'head_{tissue}', 0.0) + share.astype(np.float32)
+            inner = outer
+    return anatomy
 
 
 def bias_field(vendor_index, shape, affine, brain_centre, rng):
@@ -209,13 +237,17 @@ def bias_field(vendor_index, shape, affine, brain_centre, rng):
     return np.exp(log_field)
 
 
-def acquire(anatomy, vendor_index, texture_coefs, affine, brain_centre, rng):
-    """Vendor image (float32) of one subject: contrast, PSF, bias, Rician noise, mask, scale."""
+def acquire(anatomy, vendor_index, texture_coefs, affine, brain_centre, rng, background='noise'):
+    """Vendor image (float32) of one subject: contrast, PSF, bias, Rician noise, (zero background), scale."""
     model = VENDOR_MODELS[vendor_index]
     a_gm, a_wm, a_csf = texture_coefs
     texture = (anatomy['t1'] - (a_gm * anatomy['gm'] + a_wm * anatomy['wm'] + a_csf * anatomy['csf'])) / a_wm
     signal = (model['gm'] * anatomy['gm'] + model['wm'] * anatomy['wm'] + model['csf'] * anatomy['csf']
               + model['texture'] * texture * anatomy['mask'])
+    for key, share in anatomy.items():
+        if key.startswith('head_'):
+            tissue = key[len('head_'):]
+            signal = signal + model[tissue] * share
     signal = np.clip(signal, 0.0, None)
 
     voxel_size = affine[0, 0]
@@ -229,7 +261,8 @@ def acquire(anatomy, vendor_index, texture_coefs, affine, brain_centre, rng):
     imag = noise * rng.standard_normal(signal.shape)
     image = np.sqrt(real ** 2 + imag ** 2)
 
-    image *= anatomy['mask']  # after the noise, so the background is exactly zero
+    if background == 'zero':
+        image *= anatomy['mask']  # after the noise, so the background is exactly zero (a skull-stripped scan)
     gain = model['wm_level'] * rng.uniform(0.95, 1.05)  # scanner auto-scaling
     return (image * gain).astype(np.float32)
 
@@ -254,22 +287,36 @@ def to_nifti(image, vendor_index, subject_index, vendor_name, affine):
     return img
 
 
+def mask_nifti(mask, vendor_index, subject_index, affine):
+    """A brain mask (uint8) stored in the same on-disk orientation as that vendor's scan of the subject."""
+    codes = VENDOR_MODELS[vendor_index]['orientations'][subject_index % len(VENDOR_MODELS[vendor_index]['orientations'])]
+    img = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    img = img.as_reoriented(ornt_transform(axcodes2ornt('RAS'), axcodes2ornt(codes)))
+    img.set_qform(img.affine, code='scanner')
+    img.set_sform(img.affine, code='scanner')
+    return img
+
+
 def make_demo_data(output_dir, subjects=12, voxel_size=2.0, vendor1='SIEMENS', vendor2='Philips', seed=0,
-                   overwrite=False):
-    """Write the paired demo volumes and return their paths (vendor1's, then vendor2's)."""
+                   overwrite=False, background='noise', head=False):
+    """Write the paired demo volumes and their brain masks; return the volumes' paths (vendor1's, then
+    vendor2's)."""
     check_arguments(output_dir, subjects, voxel_size, vendor1, vendor2)
+    if background not in BACKGROUNDS:
+        raise DemoDataError(f'--background {background}: choose one of {", ".join(BACKGROUNDS)}')
     check_output_folder(output_dir, overwrite)
     vendor_dirs = [os.path.join(output_dir, vendor1), os.path.join(output_dir, vendor2)]
+    mask_dirs = [os.path.join(output_dir, 'masks', vendor1), os.path.join(output_dir, 'masks', vendor2)]
 
     maps, template_affine = load_template()
-    shape, affine = output_grid(maps['t1'].shape, template_affine, voxel_size)
+    shape, affine = output_grid(maps['t1'].shape, template_affine, voxel_size, HEAD_MARGIN_MM if head else 0.0)
     texture_coefs = texture_coefficients(maps)
     inside = np.argwhere(maps['mask'] > 0.5).mean(axis=0)
     brain_centre = (template_affine @ np.append(inside, 1.0))[:3]
     maps = antialias(maps, voxel_size)
 
-    remove_stale_volumes(vendor_dirs)
-    for folder in vendor_dirs:
+    remove_stale_volumes(vendor_dirs + mask_dirs)
+    for folder in vendor_dirs + mask_dirs:
         os.makedirs(folder, exist_ok=True)
 
     width = max(3, len(str(subjects)))
@@ -278,11 +325,12 @@ def make_demo_data(output_dir, subjects=12, voxel_size=2.0, vendor1='SIEMENS', v
         # One stream per subject, so subject i is the same whatever --subjects is.
         anatomy_rng, *vendor_rngs = [np.random.default_rng(s) for s in
                                      np.random.SeedSequence([seed, subject]).spawn(3)]
-        anatomy = subject_anatomy(maps, template_affine, brain_centre, shape, affine, anatomy_rng)
-        for v, (folder, name) in enumerate(zip(vendor_dirs, (vendor1, vendor2))):
-            image = acquire(anatomy, v, texture_coefs, affine, brain_centre, vendor_rngs[v])
+        anatomy = subject_anatomy(maps, template_affine, brain_centre, shape, affine, anatomy_rng, head)
+        for v, (folder, mask_dir, name) in enumerate(zip(vendor_dirs, mask_dirs, (vendor1, vendor2))):
+            image = acquire(anatomy, v, texture_coefs, affine, brain_centre, vendor_rngs[v], background)
             path = os.path.join(folder, f'subj_{subject + 1:0{width}d}.nii.gz')
             nib.save(to_nifti(image, v, subject, name, affine), path)
+            nib.save(mask_nifti(anatomy['mask'], v, subject, affine), os.path.join(mask_dir, os.path.basename(path)))
             paths[v].append(path)
     return paths[0] + paths[1]
 
@@ -295,6 +343,11 @@ def parse_args(argv=None):
     parser.add_argument('--voxel_size', type=float, default=2.0, help='isotropic voxel size in mm')
     parser.add_argument('--vendor1', default='SIEMENS', help='folder name of the first vendor')
     parser.add_argument('--vendor2', default='Philips', help='folder name of the second vendor')
+    parser.add_argument('--background', default='noise', choices=BACKGROUNDS,
+                        help='noise: Rician noise in the air, as a scanner writes a magnitude image; zero: every '
+                             'voxel outside the brain set to 0 (a skull-stripped scan)')
+    parser.add_argument('--head', action='store_true',
+                        help='put skull, marrow, muscle, fat and skin around the brain (an unstripped head)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (same seed, same volumes)')
     parser.add_argument('--overwrite', action='store_true',
                         help='write into a non-empty output folder (replaces its subj_*.nii.gz)')
@@ -306,7 +359,7 @@ def main(argv=None):
     start = time.time()
     try:
         paths = make_demo_data(args.output_dir, args.subjects, args.voxel_size, args.vendor1, args.vendor2,
-                               args.seed, overwrite=args.overwrite)
+                               args.seed, overwrite=args.overwrite, background=args.background, head=args.head)
     except DemoDataError as error:
         print(f'make_demo_data.py: error: {error}', file=sys.stderr)
         sys.exit(2)
@@ -315,7 +368,8 @@ def main(argv=None):
     print(f'{args.subjects} paired subjects ({args.vendor1}, {args.vendor2}), '
           f'{shape[0]}x{shape[1]}x{shape[2]} voxels of {args.voxel_size:g} mm (RAS), '
           f'{len(paths)} files, {size_mb:.1f} MB, {time.time() - start:.1f} s')
-    print(f'written to {os.path.abspath(args.output_dir)}/{{{args.vendor1},{args.vendor2}}}/subj_*.nii.gz')
+    print(f'written to {os.path.abspath(args.output_dir)}/{{{args.vendor1},{args.vendor2}}}/subj_*.nii.gz '
+          f'(brain masks in masks/{{{args.vendor1},{args.vendor2}}}/)')
 
 
 if __name__ == '__main__':

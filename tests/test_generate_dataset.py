@@ -820,7 +820,7 @@ def test_existing_dataset_is_not_overwritten_without_flag(vendor_dirs, tmp_path)
 
 def test_make_demo_data_pairs_align_after_reorientation(tmp_path):
     from dataset.make_demo_data import make_demo_data
-    paths = make_demo_data(str(tmp_path / 'demo'), subjects=3, voxel_size=6.0)
+    paths = make_demo_data(str(tmp_path / 'demo'), subjects=3, voxel_size=6.0, background='zero')
     assert len(paths) == 6 and all(os.path.exists(p) for p in paths)
     codes = set()
     for stem in ('subj_001', 'subj_002', 'subj_003'):

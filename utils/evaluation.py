@@ -2,7 +2,10 @@
 
 One implementation used by evaluate.py and inference_nii.py. Every volume is brought to canonical orientation
 (so files stored in different axis orders compare voxel to voxel) and normalised as training normalises it
-(utils.volume.normalise). The figures, for each method (harmonized, unharmonized, Nyul standardisation fitted
+(utils.volume.normalise over the reference region of utils.anatomy). The anatomy of a subject (the foreground of
+every figure) is its mask where one is given, else utils.anatomy.anatomy_mask of the input and of the reference
+(their union), or of the harmonized volume when neither is given; every method's volume is compared inside it,
+with the air outside it set to 0. The figures, for each method (harmonized, unharmonized, Nyul standardisation fitted
 on the target-vendor scans, histogram matching to the pooled target-vendor histogram and, with a reference,
 the oracle: histogram matching to that reference scan):
 
@@ -17,6 +20,7 @@ the oracle: histogram matching to that reference scan):
 """
 import os
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -27,7 +31,8 @@ from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.metrics import fine_detail, foreground_values, vendor_distance, volume_metrics
-from utils.volume import list_nifti, load_volume, nifti_stem, normalise, to_canonical
+from utils.anatomy import anatomy_mask, find_mask, read_mask, reference_region
+from utils.volume import from_canonical, list_nifti, load_volume, nifti_stem, normalise, to_canonical
 
 HARMONIZED = 'harmonized'
 UNHARMONIZED = 'unharmonized'
@@ -71,35 +76,50 @@ def check_same_grid(image, path, grid, grid_path):
                         'reorientation); resample it onto the same grid (e.g. nibabel.processing.resample_from_to)')
 
 
-def unit_volume(data, path):
-    """Canonical data normalised as training normalises it, or UserError for an all-zero volume."""
+def unit_volume(data, path, anatomy, region=None):
+    """Canonical data normalised as training normalises it (by the robust maximum of `region`, by default the
+    anatomy's reference region), 0 outside the anatomy; UserError for a volume without positive voxels there."""
+    data = np.asarray(data, dtype=np.float32)
+    region = reference_region(data, anatomy) if region is None else region
     try:
-        return normalise(np.asarray(data, dtype=np.float32))[0]
+        return np.where(anatomy, normalise(data, region=region)[0], 0).astype(np.float32)
     except ValueError:
-        raise UserError(f'{path}: no positive voxels (an all-zero volume); nothing to evaluate: remove it or '
-                        'export it again') from None
+        raise UserError(f'{path}: no positive voxels in its anatomy (an all-zero volume); nothing to evaluate: '
+                        'remove it or export it again') from None
+
+
+def scan_anatomy(image, path, mask_dir=None):
+    """The anatomy of a canonical image: its mask in mask_dir where there is one (by the file's stem), else found
+    in the image (utils.anatomy)."""
+    mask_path = find_mask(mask_dir, nifti_stem(path)) if mask_dir else None
+    if mask_path:
+        return read_mask(mask_path, image, path)
+    return anatomy_mask(np.asarray(image.dataobj, dtype=np.float32), path)
 
 
 class TargetVendor:
     """The target vendor's scans: their pooled normalised foreground intensities (summarised by quantiles), Nyul
     landmarks fitted on them (TorchIO's HistogramStandardization) and one scan to show in the figures."""
 
-    def __init__(self, target_dir, flag='--target_dir'):
+    def __init__(self, target_dir, flag='--target_dir', mask_dir=None):
         if not os.path.isdir(target_dir):
             raise UserError(f'{flag} {target_dir}: no such folder')
         paths = list_nifti(target_dir)
         if not paths:
             raise UserError(f'{flag} {target_dir}: no .nii or .nii.gz files in it; give real target-vendor scans')
-        values, used = [], []
+        values, used, masks = [], [], []
         self.example = None
         for path in paths:
             try:
-                unit = unit_volume(load_canonical(path).dataobj, path)
+                image = load_canonical(path)
+                anatomy = scan_anatomy(image, path, mask_dir)
+                unit = unit_volume(image.dataobj, path, anatomy)
             except UserError as error:
                 tqdm.write(f'skipped target scan: {error}')
                 continue
-            values.append(foreground_values(unit))
+            values.append(foreground_values(unit[anatomy]))
             used.append(path)
+            masks.append(from_canonical(anatomy, nib.load(path)))
             self.example = unit if self.example is None else self.example
         if not used:
             raise UserError(f'{flag} {target_dir}: none of its scans could be read (see above); give real '
@@ -110,16 +130,22 @@ class TargetVendor:
         pooled = np.sort(np.concatenate(values))
         self.values = pooled[(2 * np.arange(TARGET_QUANTILES) + 1) * len(pooled) // (2 * TARGET_QUANTILES)] \
             if len(pooled) > TARGET_QUANTILES else pooled
-        self.landmarks = fit_nyul(used)
+        self.landmarks = fit_nyul(used, masks)
         # Nyul's standard scale, in the target scans' own (normalised) intensities: their mean landmark range
         self.range = np.mean([np.quantile(v, NYUL_CUTOFF) for v in values], axis=0)
 
 
-def fit_nyul(paths):
-    """Nyul piecewise-linear landmarks fitted on the foreground (voxels > 0) of the scans at `paths`."""
+def fit_nyul(paths, masks):
+    """Nyul piecewise-linear landmarks fitted on the anatomy of the scans at `paths` (TorchIO), `masks` their
+    anatomy masks in each file's own voxel order."""
+    import tempfile
     import torchio
-    return torchio.HistogramStandardization.train(paths, cutoff=NYUL_CUTOFF, masking_function=lambda tensor: tensor > 0,
-                                                  progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        mask_paths = []
+        for index, (path, mask) in enumerate(zip(paths, masks)):
+            mask_paths.append(os.path.join(folder, f'mask_{index}.nii'))
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), nib.load(path).affine), mask_paths[-1])
+        return torchio.HistogramStandardization.train(paths, cutoff=NYUL_CUTOFF, mask_path=mask_paths, progress=False)
 
 
 def nyul_standardise(data, mask, target):
@@ -184,19 +210,20 @@ def tissue_dice(labels, other):
 
 class Known:
     """A normalised canonical volume the methods are compared with (the source or the reference), with its tissue
-    labels, their fractions and its fine detail computed once."""
+    labels (inside `region`, the brain where a head surrounds it), their fractions and its fine detail computed
+    once."""
 
-    def __init__(self, volume, mask):
+    def __init__(self, volume, mask, region):
         self.volume = volume
-        self.labels = tissue_classes(volume, mask)
+        self.labels = tissue_classes(volume, region)
         self.fractions = tissue_fractions(self.labels)
         self.detail = fine_detail(volume, mask)
 
 
-def method_row(volume, mask, target, source=None, reference=None):
-    """Every figure of one method's normalised canonical volume (see the module docstring); `source` and
-    `reference` are Known or None."""
-    labels = tissue_classes(volume, mask)
+def method_row(volume, mask, region, target, source=None, reference=None):
+    """Every figure of one method's normalised canonical volume (see the module docstring), inside the anatomy
+    `mask` (tissue classes inside `region`); `source` and `reference` are Known or None."""
+    labels = tissue_classes(volume, region)
     fractions = tissue_fractions(labels)
     row = dict(fractions)
     if target is not None:
@@ -214,40 +241,45 @@ def method_row(volume, mask, target, source=None, reference=None):
 def evaluate_volume(stem, harmonized_path, target, source_path=None, reference_path=None, mask_path=None,
                     figure_path=None):
     """Rows (one per method) of one harmonized volume, and its figure written to figure_path. `target` is a
-    TargetVendor, or None for no vendor distance and no baselines but the oracle.
+    TargetVendor, or None for no vendor distance and no baselines but the oracle. mask_path: the subject's mask
+    of the anatomy (else it is found in the source and reference, see the module docstring).
 
     Raises UserError naming the file for a volume that cannot be evaluated (unreadable, 4-D, all zero, or on
-    another grid than its source, reference or mask); nothing is written then.
+    another grid than its source, reference or mask, an empty or full mask); nothing is written then.
     """
     harmonized_image = load_canonical(harmonized_path)
     others = {}
-    for name, path in (('source', source_path), ('reference', reference_path), ('mask', mask_path)):
+    for name, path in (('source', source_path), ('reference', reference_path)):
         if path is not None:
             others[name] = load_canonical(path)
             check_same_grid(others[name], path, harmonized_image, harmonized_path)
-    harmonized = unit_volume(harmonized_image.dataobj, harmonized_path)
-    raw_source = np.asarray(others['source'].dataobj, dtype=np.float32) if source_path else None
-    source = unit_volume(raw_source, source_path) if source_path else None
-    reference = unit_volume(others['reference'].dataobj, reference_path) if reference_path else None
+    raw = {name: np.asarray(image.dataobj, dtype=np.float32) for name, image in others.items()}
     if mask_path:
-        mask = np.asarray(others['mask'].dataobj) > 0
-        if not mask.any():
-            raise UserError(f'{mask_path}: an empty mask; give the brain mask of {stem} or leave it out of --mask_dir')
-    else:  # the anatomy's voxels: those of the input and the reference, or of the output when neither is given
-        present = [volume for volume in (source, reference) if volume is not None] or [harmonized]
-        mask = np.logical_or.reduce([volume > 0 for volume in present])
+        mask = read_mask(mask_path, harmonized_image, harmonized_path)
+    else:  # the anatomy of the input and the reference, or of the output when neither is given
+        present = [(raw[name], path) for name, path in (('source', source_path), ('reference', reference_path))
+                   if name in raw] or [(np.asarray(harmonized_image.dataobj, dtype=np.float32), harmonized_path)]
+        mask = np.logical_or.reduce([anatomy_mask(data, path) for data, path in present])
+    # One reference region for every method (the brain where a head surrounds it), from the input where given
+    region = reference_region(next(iter(raw.values()), np.asarray(harmonized_image.dataobj, dtype=np.float32)), mask)
+    harmonized = unit_volume(harmonized_image.dataobj, harmonized_path, mask, region)
+    raw_source = raw.get('source')
+    source = unit_volume(raw_source, source_path, mask, region) if source_path else None
+    reference = unit_volume(raw['reference'], reference_path, mask, region) if reference_path else None
 
     volumes = {HARMONIZED: harmonized}
     if source is not None:
         volumes[UNHARMONIZED] = source
         if target is not None:
-            volumes[NYUL] = unit_volume(nyul_standardise(raw_source, mask, target), source_path)
-            volumes[TARGET_MATCHING] = unit_volume(match_to(raw_source, mask, target.values), source_path)
+            volumes[NYUL] = unit_volume(nyul_standardise(raw_source, mask, target), source_path, mask, region)
+            volumes[TARGET_MATCHING] = unit_volume(match_to(raw_source, mask, target.values), source_path, mask,
+                                                   region)
         if reference is not None:
-            volumes[ORACLE] = unit_volume(match_to(raw_source, mask, reference[mask]), source_path)
-    known_source = Known(source, mask) if source is not None else None
-    known_reference = Known(reference, mask) if reference is not None else None
-    rows = [{'volume': stem, 'method': method, **method_row(volume, mask, target, known_source, known_reference)}
+            volumes[ORACLE] = unit_volume(match_to(raw_source, mask, reference[mask]), source_path, mask, region)
+    known_source = Known(source, mask, region) if source is not None else None
+    known_reference = Known(reference, mask, region) if reference is not None else None
+    rows = [{'volume': stem, 'method': method, **method_row(volume, mask, region, target, known_source,
+                                                            known_reference)}
             for method, volume in volumes.items()]
     if figure_path:
         save_figure(figure_path, stem, volumes, reference, mask, target)

@@ -150,20 +150,29 @@ def check_same_spacing(spacings):
                             'volume to one spacing')
 
 
-def robust_max(data, percentile=ROBUST_PERCENTILE):
-    """A high percentile of the non-zero voxels: a maximum that ignores a few hot voxels."""
-    foreground = data[data > 0]
-    if foreground.size == 0:
+def robust_max(data, region=None, percentile=ROBUST_PERCENTILE):
+    """A high percentile of the positive voxels in `region` (utils.anatomy.reference_region; of the whole volume
+    where none is given): a maximum that ignores a few hot voxels."""
+    values = data[region] if region is not None else data
+    values = values[values > 0]
+    if values.size == 0:
         return 0.0
-    return float(np.percentile(foreground, percentile))
+    return float(np.percentile(values, percentile))
 
 
-def normalise(data, scale=None):
-    """Divide by a robust maximum and clip to [0, 1]; returns (normalised float32 data, scale used)."""
-    scale = robust_max(data) if scale is None else scale
+def normalise(data, scale=None, region=None):
+    """Divide by a robust maximum (of `region`, see robust_max) and clip to [0, 1]; returns (normalised float32
+    data, scale used)."""
+    scale = robust_max(data, region) if scale is None else scale
     if not scale > 0:
         raise ValueError('the volume has no positive voxels')
     return np.clip(data / scale, 0.0, 1.0).astype(np.float32), scale
+
+
+def anatomy_only(unit, anatomy):
+    """A normalised volume as the networks see it: 0 outside the anatomy (utils.anatomy), so that in training
+    slices the anatomy is the voxels above the background (an anatomy voxel of exactly 0 is as dark as air)."""
+    return np.where(anatomy, unit, 0).astype(np.float32)
 
 
 def denormalise(data, scale):

@@ -1,4 +1,5 @@
 # make demo          : venv, demo data, paired dataset, CPU-sized training, harmonized test volumes with metrics
+#                      beside Nyul and N4 + Nyul fitted on the training subjects' Philips scans (demo/target)
 # make demo-unpaired : the same demo data split so that the two vendors' training subjects are disjoint
 # make test          : venv, then the fast tests (everything but the tests marked slow: training runs and processes)
 # make test-all      : venv, then every test (what CI runs)
@@ -37,9 +38,12 @@ demo: venv $(DEMO)/nifti/.complete
 	$(PY) dataset/generate_paired_dataset.py --vendor1_dir $(DEMO)/nifti/SIEMENS --vendor2_dir $(DEMO)/nifti/Philips \
 		--output_dir $(DEMO)/dataset --split_ratio 0.8 --test_ratio 0.2 --overwrite
 	$(PY) train.py @recipes/cpu.args -ex $(EXP) --data_root $(DEMO)/dataset --max_minutes $(TRAIN_MINUTES) --overwrite
+	$(PY) -c "import json, os, shutil; info = json.load(open('$(DEMO)/dataset/dataset_info.json')); \
+		shutil.rmtree('$(DEMO)/target', ignore_errors=True); os.makedirs('$(DEMO)/target'); \
+		[shutil.copy('$(DEMO)/nifti/Philips/' + s + '.nii.gz', '$(DEMO)/target') for s in info['subjects']['trainset']]"
 	$(PY) inference_nii.py --experiment $(EXP) --epoch latest --src_vendor SIEMENS --trg_vendor Philips \
 		--input_dir $(DEMO)/dataset/testset/SIEMENS --reference_dir $(DEMO)/dataset/testset/Philips \
-		--output_dir results/$(EXP)/testset/SIEMENS_to_Philips --overwrite
+		--target_dir $(DEMO)/target --output_dir results/$(EXP)/testset/SIEMENS_to_Philips --overwrite
 	@echo
 	@echo "loss curves:   results/$(EXP)/loss/loss.png"
 	@echo "sample grid:   $$(ls -d results/$(EXP)/sample/epoch_*/iter_0.png | sort -V | tail -n 1)"

@@ -9,8 +9,10 @@ Works on any tool's outputs, on scans as scanners write them (noise in the air, 
 skull-stripped ones. Harmonized files are matched to their source, reference and mask by file stem
 (`{stem}_harmonized.nii.gz`, as inference_nii.py writes them, or `{stem}.nii.gz`); every figure is computed inside
 the anatomy (--mask_dir, or found in the scans: utils/anatomy.py). Each volume is compared with
-the unharmonized input, Nyul standardisation fitted on the --target_dir scans, histogram matching to the pooled
---target_dir histogram and, where a reference exists, the oracle (histogram matching to that very reference).
+the unharmonized input, Nyul standardisation fitted on the --target_dir scans, N4 bias-field correction followed by
+Nyul (what most multi-site studies run), histogram matching to the pooled --target_dir histogram and, where a
+reference exists, the oracle (histogram matching to that very reference). A vendor classifier trained on the
+--source_dir and --target_dir scans of other subjects says which vendor each method's volume looks like.
 Writes OUTPUT_DIR/metrics.csv (one row per volume and method, then the means) and OUTPUT_DIR/previews/{stem}.png,
 and prints the mean table. What each figure means: docs/evaluation.md.
 """
@@ -25,7 +27,8 @@ from tqdm import tqdm
 from utils.anatomy import require_mask
 from utils.cli import CliParser
 from utils.errors import UserError, run_cli
-from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, subject_stem, write_table
+from utils.evaluation import (TargetVendor, evaluate_volume, find_by_stem, source_features, subject_stem,
+                              write_table)
 from utils.paths import check_writable_folder
 from utils.volume import list_nifti
 
@@ -91,6 +94,7 @@ def main(argv=None):
     print(f'{len(stems)} harmonized volume(s) from {args.harmonized_dir} against {len(target.paths)} target-vendor '
           f'scan(s) from {args.target_dir} (Nyul fitted on them)')
 
+    sources = source_features([path for path in matches.get('--source_dir', {}).values() if path], args.mask_dir)
     rows, failed, started = [], [], time.perf_counter()
     for stem, path in tqdm(stems.items(), desc='volumes', unit='volume'):
         try:
@@ -101,7 +105,7 @@ def main(argv=None):
                     source_path=matches.get('--source_dir', {}).get(stem),
                     reference_path=matches.get('--reference_dir', {}).get(stem),
                     mask_path=require_mask(args.mask_dir, stem, path) if args.mask_dir else None,
-                    figure_path=os.path.join(output_dir, 'previews', f'{stem}.png'))
+                    figure_path=os.path.join(output_dir, 'previews', f'{stem}.png'), sources=sources)
             for warning in caught:
                 tqdm.write(f'warning: {warning.message}')
         except UserError as error:

@@ -40,7 +40,7 @@ from utils.cli import CliParser
 from utils.cpu_memory import keep_freed_memory
 from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp
 from utils.errors import UserError, run_cli
-from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, write_table
+from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, source_features, write_table
 from utils.paths import check_writable_folder
 from utils.anatomy import anatomy_mask, find_mask, read_mask, reference_region, require_mask, resample_mask
 from utils.volume import (anatomy_only, axial_slices, denormalise, from_canonical, list_nifti, load_volume,
@@ -198,7 +198,8 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
     if mask_dir is not None:
         for path in inputs:  # every mask is there before anything is written
             require_mask(mask_dir, nifti_stem(path), path, src_vendor)
-    target = TargetVendor(target_dir, mask_dir=mask_dir) if target_dir is not None else None
+    target = TargetVendor(target_dir, mask_dir=mask_dir, vendor=trg_vendor) if target_dir is not None else None
+    sources = source_features(inputs, mask_dir, src_vendor) if target is not None else None
     generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     scale = target_scale(experiment_dir, trg_vendor)
     voxel_size = training_spacing(experiment_dir)
@@ -234,7 +235,7 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
                            f'no metrics against it for {stem}')
             if reference_path or target is not None:
                 rows += evaluate_volume(stem, output_path, target, source_path=path, reference_path=reference_path,
-                                        mask_path=mask_path,
+                                        mask_path=mask_path, sources=sources,
                                         figure_path=os.path.join(save_dir, 'previews', f'{stem}.png'))
         except UserError as error:
             failed.append(path)

@@ -316,10 +316,10 @@ def test_command_line_with_reference_and_target_writes_the_rows_of_evaluate_py(e
     assert len(stems) == 2
     table = pd.read_csv(out / 'metrics.csv', dtype={'volume': str})
     assert {'SSIM', 'PSNR', 'MAE', 'Detail', 'vendor_distance', 'NMI', 'tissue_Dice'} <= set(table.columns)
-    methods = ['harmonized', 'unharmonized', 'Nyul', 'histogram matching to target',
+    methods = ['harmonized', 'unharmonized', 'Nyul', 'N4 + Nyul', 'histogram matching to target',
                'oracle: histogram matching to reference']
-    assert list(table['method']) == methods * 3 and list(table['volume']) == [*stems[:1] * 5, *stems[1:] * 5,
-                                                                               *['mean'] * 5]
+    assert list(table['method']) == methods * 3 and list(table['volume']) == [*stems[:1] * 6, *stems[1:] * 6,
+                                                                               *['mean'] * 6]
     scale = experiment['info']['intensity_scale']['Philips']
     for stem in stems:
         rows = table[table['volume'] == stem].set_index('method')

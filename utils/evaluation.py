@@ -6,11 +6,16 @@ One implementation used by evaluate.py and inference_nii.py. Every volume is bro
 every figure) is its mask where one is given, else utils.anatomy.anatomy_mask of the input and of the reference
 (their union), or of the harmonized volume when neither is given; every method's volume is compared inside it,
 with the air outside it set to 0. The figures, for each method (harmonized, unharmonized, Nyul standardisation fitted
-on the target-vendor scans, histogram matching to the pooled target-vendor histogram and, with a reference,
-the oracle: histogram matching to that reference scan):
+on the target-vendor scans, N4 bias-field correction followed by Nyul (fitted on the N4-corrected target scans),
+histogram matching to the pooled target-vendor histogram and, with a reference, the oracle: histogram matching
+to that reference scan):
 
 - vendor_distance: 1-D Wasserstein distance between the volume's foreground intensities and the pooled
   target-vendor ones (lower is better);
+- vendor_classifier (needs other subjects' source-vendor scans): the share of the volume's patches that a
+  classifier trained on real scans of both vendors, without this subject's, calls the target vendor
+  (utils.vendor_classifier: intensity, sharpness, noise and shading statistics; about 1 for a real target scan,
+  about 0 for the input);
 - NMI and tissue_Dice (needs the source): normalized mutual information between input and output inside the
   foreground (1 independent, 2 identical; higher is better) and the mean Dice of the three tissue classes
   segmented separately in input and output (higher is better);
@@ -30,16 +35,19 @@ from skimage.metrics import normalized_mutual_information
 from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.bias_field import n4_correct
 from utils.metrics import fine_detail, foreground_values, vendor_distance, volume_metrics
+from utils.vendor_classifier import VendorClassifier, patch_features, target_share
 from utils.anatomy import anatomy_mask, find_mask, read_mask, reference_region
 from utils.volume import from_canonical, list_nifti, load_volume, nifti_stem, normalise, to_canonical
 
 HARMONIZED = 'harmonized'
 UNHARMONIZED = 'unharmonized'
 NYUL = 'Nyul'
+N4_NYUL = 'N4 + Nyul'
 TARGET_MATCHING = 'histogram matching to target'
 ORACLE = 'oracle: histogram matching to reference'
-METRICS = ('vendor_distance', 'NMI', 'tissue_Dice', 'CSF', 'GM', 'WM', 'tissue_difference',
+METRICS = ('vendor_distance', 'vendor_classifier', 'NMI', 'tissue_Dice', 'CSF', 'GM', 'WM', 'tissue_difference',
            'SSIM', 'PSNR', 'MAE', 'Detail')
 TISSUES = ('CSF', 'GM', 'WM')  # T1 ordering of the mean intensities: CSF < GM < WM
 TARGET_QUANTILES = 100_000
@@ -88,10 +96,10 @@ def unit_volume(data, path, anatomy, region=None):
                         'remove it or export it again') from None
 
 
-def scan_anatomy(image, path, mask_dir=None):
-    """The anatomy of a canonical image: its mask in mask_dir where there is one (by the file's stem), else found
-    in the image (utils.anatomy)."""
-    mask_path = find_mask(mask_dir, nifti_stem(path)) if mask_dir else None
+def scan_anatomy(image, path, mask_dir=None, vendor=None):
+    """The anatomy of a canonical image: its mask in mask_dir where there is one (by the file's stem, in
+    mask_dir/<vendor>/ first), else found in the image (utils.anatomy)."""
+    mask_path = find_mask(mask_dir, nifti_stem(path), vendor) if mask_dir else None
     if mask_path:
         return read_mask(mask_path, image, path)
     return anatomy_mask(np.asarray(image.dataobj, dtype=np.float32), path)
@@ -99,66 +107,80 @@ def scan_anatomy(image, path, mask_dir=None):
 
 class TargetVendor:
     """The target vendor's scans: their pooled normalised foreground intensities (summarised by quantiles), Nyul
-    landmarks fitted on them (TorchIO's HistogramStandardization) and one scan to show in the figures."""
+    landmarks fitted on them (TorchIO's HistogramStandardization) and on their N4-corrected copies, their patch
+    features for the vendor classifier (utils.vendor_classifier), by subject, and one scan to show in the
+    figures."""
 
-    def __init__(self, target_dir, flag='--target_dir', mask_dir=None):
+    def __init__(self, target_dir, flag='--target_dir', mask_dir=None, vendor=None):
         if not os.path.isdir(target_dir):
             raise UserError(f'{flag} {target_dir}: no such folder')
         paths = list_nifti(target_dir)
         if not paths:
             raise UserError(f'{flag} {target_dir}: no .nii or .nii.gz files in it; give real target-vendor scans')
-        values, used, masks = [], [], []
+        values, used, raw, corrected, masks, self.features = [], [], [], [], [], []
         self.example = None
-        for path in paths:
+        for path in tqdm(paths, desc='target scans', unit='scan', leave=False):
             try:
                 image = load_canonical(path)
-                anatomy = scan_anatomy(image, path, mask_dir)
+                anatomy = scan_anatomy(image, path, mask_dir, vendor)
                 unit = unit_volume(image.dataobj, path, anatomy)
             except UserError as error:
                 tqdm.write(f'skipped target scan: {error}')
                 continue
             values.append(foreground_values(unit[anatomy]))
             used.append(path)
-            masks.append(from_canonical(anatomy, nib.load(path)))
+            data = np.asarray(image.dataobj, dtype=np.float32)
+            raw.append(data)
+            corrected.append(n4_correct(data, anatomy, image.header.get_zooms()[:3]))
+            masks.append(anatomy)
+            self.features.append((subject_stem(path), patch_features(unit, anatomy)))
             self.example = unit if self.example is None else self.example
         if not used:
             raise UserError(f'{flag} {target_dir}: none of its scans could be read (see above); give real '
                             'target-vendor scans')
         self.paths = used
+        if len(used) == 1:
+            tqdm.write(f'warning: {flag} {target_dir} holds one usable scan; Nyul, N4 + Nyul, the pooled histogram and '
+                       'the vendor classifier are fitted on it alone: give several target-vendor scans')
         # Evenly spaced order statistics keep every comparison's sort short; distances to them differ from those to
         # all voxels by ~1e-7.
         pooled = np.sort(np.concatenate(values))
         self.values = pooled[(2 * np.arange(TARGET_QUANTILES) + 1) * len(pooled) // (2 * TARGET_QUANTILES)] \
             if len(pooled) > TARGET_QUANTILES else pooled
-        self.landmarks = fit_nyul(used, masks)
+        self.landmarks = fit_nyul(raw, masks)
+        self.n4_landmarks = fit_nyul(corrected, masks)
         # Nyul's standard scale, in the target scans' own (normalised) intensities: their mean landmark range
         self.range = np.mean([np.quantile(v, NYUL_CUTOFF) for v in values], axis=0)
 
 
-def fit_nyul(paths, masks):
-    """Nyul piecewise-linear landmarks fitted on the anatomy of the scans at `paths` (TorchIO), `masks` their
-    anatomy masks in each file's own voxel order."""
+def fit_nyul(volumes, masks):
+    """Nyul piecewise-linear landmarks (TorchIO's HistogramStandardization) fitted on the anatomy (`masks`) of
+    the volumes."""
     import tempfile
     import torchio
     with tempfile.TemporaryDirectory() as folder:
-        mask_paths = []
-        for index, (path, mask) in enumerate(zip(paths, masks)):
+        paths, mask_paths = [], []
+        for index, (volume, mask) in enumerate(zip(volumes, masks)):
+            paths.append(os.path.join(folder, f'scan_{index}.nii'))
             mask_paths.append(os.path.join(folder, f'mask_{index}.nii'))
-            nib.save(nib.Nifti1Image(mask.astype(np.uint8), nib.load(path).affine), mask_paths[-1])
+            nib.save(nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.eye(4)), paths[-1])
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), mask_paths[-1])
         return torchio.HistogramStandardization.train(paths, cutoff=NYUL_CUTOFF, mask_path=mask_paths, progress=False)
 
 
-def nyul_standardise(data, mask, target):
-    """Data standardised by Nyul's method to the target's landmarks, using the foreground mask, with the standard
-    scale mapped linearly onto the target scans' intensity range; background 0."""
+def nyul_standardise(data, mask, target, landmarks=None):
+    """Data standardised by Nyul's method to the target's landmarks (or the given ones, e.g. target.n4_landmarks),
+    using the foreground mask, with the standard scale mapped linearly onto the target scans' intensity range;
+    background 0."""
     import torchio
+    landmarks = target.landmarks if landmarks is None else landmarks
     mask_tensor = torch.from_numpy(np.ascontiguousarray(mask)[None])
-    transform = torchio.HistogramStandardization({'volume': target.landmarks},
+    transform = torchio.HistogramStandardization({'volume': landmarks},
                                                  masking_method=lambda tensor: mask_tensor)
     tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)[None])
     subject = torchio.Subject(volume=torchio.ScalarImage(tensor=tensor))
     standard = transform(subject)['volume'].data[0].numpy().astype(np.float64)
-    low, high = target.landmarks[0], target.landmarks[-1]
+    low, high = landmarks[0], landmarks[-1]
     mapped = target.range[0] + (standard - low) / (high - low) * (target.range[1] - target.range[0])
     return np.where(mask, mapped, 0).astype(np.float32)
 
@@ -220,14 +242,17 @@ class Known:
         self.detail = fine_detail(volume, mask)
 
 
-def method_row(volume, mask, region, target, source=None, reference=None):
+def method_row(volume, mask, region, target, source=None, reference=None, classifier=None):
     """Every figure of one method's normalised canonical volume (see the module docstring), inside the anatomy
-    `mask` (tissue classes inside `region`); `source` and `reference` are Known or None."""
+    `mask` (tissue classes inside `region`); `source` and `reference` are Known or None, `classifier` a fitted
+    vendor classifier (utils.vendor_classifier) or None."""
     labels = tissue_classes(volume, region)
     fractions = tissue_fractions(labels)
     row = dict(fractions)
     if target is not None:
         row['vendor_distance'] = vendor_distance(foreground_values(volume[mask]), target.values)
+    if classifier is not None:
+        row['vendor_classifier'] = target_share(classifier, patch_features(volume, mask))
     if source is not None:
         row['NMI'] = float(normalized_mutual_information(source.volume[mask], volume[mask]))
         row['tissue_Dice'] = tissue_dice(source.labels, labels)
@@ -238,11 +263,27 @@ def method_row(volume, mask, region, target, source=None, reference=None):
     return row
 
 
+def source_features(paths, mask_dir=None, vendor=None):
+    """[(subject, patch features)] of real source-vendor scans (utils.vendor_classifier), to train the vendor
+    classifier with the target scans' features; a scan that cannot be read is left out (it fails elsewhere)."""
+    features = []
+    for path in tqdm(paths, desc='source scans', unit='scan', leave=False):
+        try:
+            image = load_canonical(path)
+            anatomy = scan_anatomy(image, path, mask_dir, vendor)
+            features.append((subject_stem(path), patch_features(unit_volume(image.dataobj, path, anatomy), anatomy)))
+        except UserError:
+            continue
+    return features
+
+
 def evaluate_volume(stem, harmonized_path, target, source_path=None, reference_path=None, mask_path=None,
-                    figure_path=None):
+                    figure_path=None, sources=None):
     """Rows (one per method) of one harmonized volume, and its figure written to figure_path. `target` is a
     TargetVendor, or None for no vendor distance and no baselines but the oracle. mask_path: the subject's mask
-    of the anatomy (else it is found in the source and reference, see the module docstring).
+    of the anatomy (else it is found in the source and reference, see the module docstring). sources: the
+    source-vendor scans' features (source_features) that, with the target's, train the vendor classifier without
+    this subject's scans (no vendor_classifier column where a vendor has none left).
 
     Raises UserError naming the file for a volume that cannot be evaluated (unreadable, 4-D, all zero, or on
     another grid than its source, reference or mask, an empty or full mask); nothing is written then.
@@ -272,14 +313,20 @@ def evaluate_volume(stem, harmonized_path, target, source_path=None, reference_p
         volumes[UNHARMONIZED] = source
         if target is not None:
             volumes[NYUL] = unit_volume(nyul_standardise(raw_source, mask, target), source_path, mask, region)
+            corrected = n4_correct(raw_source, mask, others['source'].header.get_zooms()[:3])
+            volumes[N4_NYUL] = unit_volume(nyul_standardise(corrected, mask, target, target.n4_landmarks), source_path,
+                                           mask, region)
             volumes[TARGET_MATCHING] = unit_volume(match_to(raw_source, mask, target.values), source_path, mask,
                                                    region)
         if reference is not None:
             volumes[ORACLE] = unit_volume(match_to(raw_source, mask, reference[mask]), source_path, mask, region)
     known_source = Known(source, mask, region) if source is not None else None
     known_reference = Known(reference, mask, region) if reference is not None else None
+    classifier = None
+    if target is not None and sources is not None:
+        classifier = VendorClassifier(sources, target.features).fit_without(stem)
     rows = [{'volume': stem, 'method': method, **method_row(volume, mask, region, target, known_source,
-                                                            known_reference)}
+                                                            known_reference, classifier)}
             for method, volume in volumes.items()]
     if figure_path:
         save_figure(figure_path, stem, volumes, reference, mask, target)

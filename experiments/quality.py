@@ -39,12 +39,13 @@ from dataset.split_demo import PAIRS, TRAVELING, VENDORS, copy_scans, find_scans
 from utils.arguments import parse_arguments
 from utils.cli import CliParser
 from utils.errors import UserError, run_cli
-from utils.evaluation import HARMONIZED, NYUL, ORACLE, TARGET_MATCHING, UNHARMONIZED
+from utils.evaluation import HARMONIZED, N4_NYUL, NYUL, ORACLE, TARGET_MATCHING, UNHARMONIZED
 from utils.paths import check_writable_folder
 
 PAIRED_L1_FLAGS = ['--adv_weight', '0', '--ccl_weight', '0', '--identity_weight', '0',
                    '--warmup_epochs', '0', '--rampup_epochs', '0']
-MEASURED = ('SSIM', 'PSNR', 'MAE', 'Detail', 'vendor_distance')
+MEASURED = ('SSIM', 'PSNR', 'MAE', 'Detail', 'vendor_distance', 'vendor_classifier', 'NMI', 'tissue_Dice',
+            'tissue_difference')
 # the flags of one mode only, and the modes that take them
 MODE_FLAGS = {'traveling': ('unpaired', 'semi'), 'pairs': ('semi',), 'paired_recipe': ('semi',)}
 
@@ -207,6 +208,8 @@ def print_table(entry, methods, heading):
     for method in methods:
         m = entry[method]
         last = f'{m["vendor_distance"]:.4f}' if 'vendor_distance' in m else f'{m["Detail"]:.2f}'
+        for extra in ('vendor_classifier', 'tissue_Dice'):
+            last += f'  {m[extra]:.2f}' if extra in m else ''
         print(f'  {method:<{width}} {m["SSIM"]:.4f}  {m["PSNR"]:6.2f}  {m["MAE"]:.4f}  {last}'
               + (f'   ({m["steps"]} steps, trained {m["train_wall_s"]:.0f} s wall)' if 'steps' in m else ''))
     sys.stdout.flush()
@@ -262,14 +265,17 @@ def main(argv):
                         'and fine detail as a ratio to theirs):')
         else:
             entry['Nyul'] = means.loc[NYUL].to_dict()
+            entry['N4_Nyul'] = means.loc[N4_NYUL].to_dict()
             entry['histogram_matching_to_target'] = means.loc[TARGET_MATCHING].to_dict()
             if pairs_dataset:
                 means, wall, summary = train_and_measure('pairs_only', pairs_flags, minutes, pairs_dataset, test, args)
                 entry['pairs_only'] = {**means.loc[HARMONIZED].to_dict(), **training_figures(wall, summary)}
-            print_table(entry, (args.name, 'pairs_only', 'Nyul', 'histogram_matching_to_target', 'unharmonized'),
+            print_table(entry, (args.name, 'pairs_only', 'Nyul', 'N4_Nyul', 'histogram_matching_to_target',
+                                'unharmonized'),
                         f'\n{minutes:g} minutes of training, {args.mode} (SSIM / PSNR dB / MAE against the real '
-                        f'Philips scans of the traveling subjects {", ".join(split[TRAVELING_SOURCE])}, and the '
-                        'distance to the intensities of the Philips training scans):')
+                        f'Philips scans of the traveling subjects {", ".join(split[TRAVELING_SOURCE])}, the '
+                        'distance to the intensities of the Philips training scans, the share of patches the vendor '
+                        'classifier calls Philips, and tissue Dice with the input):')
         results.append(entry)
     print(json.dumps({**report, 'recipe_flags': given, 'name': args.name, 'results': results}))
 

@@ -260,8 +260,9 @@ def test_quality_semi_mode_against_the_pairs_alone(vendor_folders, tmp_path, cap
                                'traveling/SIEMENS': ['subj_005', 'subj_006'],
                                'traveling/Philips': ['subj_005', 'subj_006']}
     (entry,) = report['results']
-    for method in ('recipe', 'pairs_only', 'unharmonized', 'Nyul', 'histogram_matching_to_target'):
+    for method in ('recipe', 'pairs_only', 'unharmonized', 'Nyul', 'N4_Nyul', 'histogram_matching_to_target'):
         assert 0 < entry[method]['SSIM'] <= 1 and entry[method]['PSNR'] > 0 and entry[method]['MAE'] > 0, method
+        assert 0 <= entry[method]['vendor_classifier'] <= 1 and 0 < entry[method]['tissue_Dice'] <= 1, method
     assert entry['recipe']['steps'] > 0 and entry['pairs_only']['steps'] > 0
     # both baselines are fitted on the Philips training scans, so their intensities lie closer to that vendor's
     for method in ('Nyul', 'histogram_matching_to_target'):

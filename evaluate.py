@@ -43,10 +43,12 @@ def build_parser():
                                              'baselines')
     parser.add_argument('--reference_dir', help='the same subjects scanned on the target vendor, same stems: adds '
                                                 'SSIM, PSNR, MAE, Detail and the tissue-volume difference')
-    parser.add_argument('--mask_dir', help='masks of the anatomy (brain or head, non-zero inside) named after each '
-                                           'subject, {stem}.nii(.gz) or {stem}_mask.nii(.gz); target-vendor scans '
-                                           'use theirs where it is there. Without it the anatomy is found in the '
-                                           'source and reference scans (utils/anatomy.py)')
+    parser.add_argument('--mask_dir', help='masks of the anatomy (brain or head, non-zero inside), one for each '
+                                           'evaluated subject and each --target_dir scan, named after it ({stem}, '
+                                           '{stem}_mask, {stem}_brainmask or {stem}_brain_mask .nii(.gz)), in '
+                                           'MASK_DIR/<name of the scan\'s folder>/ or MASK_DIR/ (a harmonized '
+                                           'volume takes its source\'s). Without it the anatomy is found in the '
+                                           'scans (utils/anatomy.py)')
     parser.add_argument('--output_dir', help='where metrics.csv and previews/ go (default HARMONIZED_DIR/evaluation)')
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier metrics.csv and previews/ there')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks')
@@ -90,11 +92,13 @@ def main(argv=None):
         raise UserError(f'--output_dir {output_dir} already holds {" and ".join(earlier)} of an earlier evaluation; '
                         'pass --overwrite to replace them or choose another --output_dir')
     check_writable_folder(output_dir, '--output_dir')
-    target = TargetVendor(args.target_dir, mask_dir=args.mask_dir)
+    target = TargetVendor(args.target_dir, mask_dir=args.mask_dir, baselines=args.source_dir is not None)
     print(f'{len(stems)} harmonized volume(s) from {args.harmonized_dir} against {len(target.paths)} target-vendor '
           f'scan(s) from {args.target_dir} (Nyul fitted on them)')
 
     sources = source_features([path for path in matches.get('--source_dir', {}).values() if path], args.mask_dir)
+    # a harmonized volume lies on its input's grid: its mask is the source vendor's (mask_dir/<source folder>/)
+    mask_vendor = os.path.basename(os.path.abspath(args.source_dir)) if args.source_dir else None
     rows, failed, started = [], [], time.perf_counter()
     for stem, path in tqdm(stems.items(), desc='volumes', unit='volume'):
         try:
@@ -104,7 +108,7 @@ def main(argv=None):
                     stem, path, target,
                     source_path=matches.get('--source_dir', {}).get(stem),
                     reference_path=matches.get('--reference_dir', {}).get(stem),
-                    mask_path=require_mask(args.mask_dir, stem, path) if args.mask_dir else None,
+                    mask_path=require_mask(args.mask_dir, stem, path, mask_vendor) if args.mask_dir else None,
                     figure_path=os.path.join(output_dir, 'previews', f'{stem}.png'), sources=sources)
             for warning in caught:
                 tqdm.write(f'warning: {warning.message}')

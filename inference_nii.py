@@ -42,7 +42,7 @@ from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, re
 from utils.errors import UserError, run_cli
 from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, source_features, write_table
 from utils.paths import check_writable_folder
-from utils.anatomy import anatomy_mask, find_mask, read_mask, reference_region, require_mask, resample_mask
+from utils.anatomy import anatomy_on_grid, find_mask, reference_region, require_mask
 from utils.volume import (anatomy_only, axial_slices, denormalise, from_canonical, list_nifti, load_volume,
                           nifti_stem, normalise, resample_onto, resample_to_spacing, save_like, stack_axial,
                           to_canonical)
@@ -151,10 +151,10 @@ def harmonize_volume(generator, path, scale, batch_size, device, amp=False, voxe
         raise UserError(f'{path}: axial slices of {resampled.shape[0]}x{resampled.shape[1]} voxels are too small '
                         'to harmonize (at least 8x8)')
     data = np.asarray(canonical.dataobj, dtype=np.float32)
-    anatomy = read_mask(mask_path, canonical, path) if mask_path else anatomy_mask(data, path)
+    anatomy = anatomy_on_grid(canonical, path, mask_path=mask_path)
     resampled_data = np.asarray(resampled.dataobj, dtype=np.float32)
-    resampled_anatomy = anatomy if voxel_size is None else (resample_mask(anatomy, canonical, resampled) if mask_path
-                                                            else anatomy_mask(resampled_data, path))
+    resampled_anatomy = (anatomy if voxel_size is None
+                         else anatomy_on_grid(canonical, path, resampled, resampled_data, mask_path))
     try:
         normalised, _ = normalise(data, region=reference_region(data, anatomy))
         model_input = (normalise(resampled_data, region=reference_region(resampled_data, resampled_anatomy))[0]
@@ -198,9 +198,9 @@ def main(data_dir, save_dir, src_vendor='SIEMENS', trg_vendor='Philips', experim
     if mask_dir is not None:
         for path in inputs:  # every mask is there before anything is written
             require_mask(mask_dir, nifti_stem(path), path, src_vendor)
+    generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     target = TargetVendor(target_dir, mask_dir=mask_dir, vendor=trg_vendor) if target_dir is not None else None
     sources = source_features(inputs, mask_dir, src_vendor) if target is not None else None
-    generator, epoch_used = load_generator(experiment_dir, src_vendor, trg_vendor, epoch, torch_device)
     scale = target_scale(experiment_dir, trg_vendor)
     voxel_size = training_spacing(experiment_dir)
     check_writable_folder(save_dir, '--output_dir')

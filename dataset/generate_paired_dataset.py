@@ -37,7 +37,7 @@ from tqdm import tqdm
 from utils.cli import CliParser
 from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
-from utils.anatomy import MaskError, anatomy_mask, read_mask, reference_region, require_mask, resample_mask
+from utils.anatomy import MaskError, anatomy_mask, anatomy_on_grid, reference_region, require_mask
 from utils.volume import (NIFTI_SUFFIXES, natural_key, RESAMPLE_ORDER, ROBUST_PERCENTILE, anatomy_only, axial_slices,
                           check_same_spacing, list_nifti, load_volume, nifti_stem, normalise, pad_or_crop,
                           resample_onto, resample_to_spacing, robust_max, to_canonical, voxel_spacing)
@@ -174,19 +174,17 @@ def load_pair(subject, path1, path2, kind, resample, vendors, voxel_size=None, m
     grid = resample_to_spacing(image1, voxel_size) if voxel_size else image1
     data1 = np.asarray(grid.dataobj, dtype=np.float32)
     moved = voxel_size or not on_one_grid
-    data2 = np.clip(resample_onto(image2, grid), 0, None) if moved else np.asarray(image2.dataobj, dtype=np.float32)
-    mask1 = grid_mask(data1, path1, image1, grid, mask_dir, vendors[0])
-    mask2 = grid_mask(data2, path2, image2, grid, mask_dir, vendors[1])
+    data2 = np.clip(resample_onto(image2, grid) if moved else np.asarray(image2.dataobj, dtype=np.float32), 0, None)
+    mask1 = scan_mask(path1, image1, grid if voxel_size else None, data1, mask_dir, vendors[0])
+    mask2 = scan_mask(path2, image2, grid if moved else None, data2, mask_dir, vendors[1])
     return data1, data2, mask1, mask2, grid
 
 
-def grid_mask(data, path, image, grid, mask_dir, vendor):
-    """The anatomy of the scan `image` (canonical) whose voxels on `grid` are `data`: its mask in mask_dir carried
-    onto the grid (nearest neighbour), or found in the data (utils.anatomy)."""
-    if not mask_dir:
-        return anatomy_mask(data, path)
-    mask = read_mask(require_mask(mask_dir, nifti_stem(path), path, vendor), image, path)
-    return mask if grid is image else resample_mask(mask, image, grid)
+def scan_mask(path, image, grid, grid_data, mask_dir, vendor):
+    """The anatomy (utils.anatomy.anatomy_on_grid) of the scan `image` (canonical) on `grid` (None: its own), where
+    its voxels are `grid_data`: its mask in mask_dir, or found in the scan."""
+    mask_path = require_mask(mask_dir, nifti_stem(path), path, vendor) if mask_dir else None
+    return anatomy_on_grid(image, path, grid, grid_data, mask_path)
 
 
 def load_single(path, kind, vendor, voxel_size=None, mask_dir=None):
@@ -198,7 +196,7 @@ def load_single(path, kind, vendor, voxel_size=None, mask_dir=None):
     image = to_canonical(load_volume(path))
     grid = resample_to_spacing(image, voxel_size) if voxel_size else image
     data = np.asarray(grid.dataobj, dtype=np.float32)
-    return data, grid_mask(data, path, image, grid, mask_dir, vendor), grid
+    return data, scan_mask(path, image, None if grid is image else grid, data, mask_dir, vendor), grid
 
 
 def load_unit(unit, kind, args, vendors):

@@ -98,8 +98,9 @@ def check_arguments(output_dir, subjects, voxel_size, vendor1, vendor2):
         raise DemoDataError(f'--voxel_size must be between {MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm '
                             f'(got {voxel_size:g}); {why}')
     for name in (vendor1, vendor2):
-        if not name or name in ('.', '..') or '/' in name or os.sep in name:
-            raise DemoDataError(f'vendor name {name!r} is not a plain folder name')
+        if not name or name in ('.', '..', 'masks') or '/' in name or os.sep in name:
+            raise DemoDataError(f'vendor name {name!r} is not a plain folder name other than "masks" (where the '
+                                'brain masks go)')
     if vendor1 == vendor2:
         raise DemoDataError(f'--vendor1 and --vendor2 are both {vendor1!r}; give two different names')
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -304,6 +305,9 @@ def make_demo_data(output_dir, subjects=12, voxel_size=2.0, vendor1='SIEMENS', v
     check_arguments(output_dir, subjects, voxel_size, vendor1, vendor2)
     if background not in BACKGROUNDS:
         raise DemoDataError(f'--background {background}: choose one of {", ".join(BACKGROUNDS)}')
+    if head and background == 'zero':
+        raise DemoDataError('--head with --background zero: a zero background is a skull-stripped scan, which has no '
+                            'head around the brain; leave out one of them')
     check_output_folder(output_dir, overwrite)
     vendor_dirs = [os.path.join(output_dir, vendor1), os.path.join(output_dir, vendor2)]
     mask_dirs = [os.path.join(output_dir, 'masks', vendor1), os.path.join(output_dir, 'masks', vendor2)]

@@ -7,7 +7,8 @@ Copies each volume of --input_dir to OUTPUT/SIEMENS and writes OUTPUT/Philips/<s
 another scanner might give it. Where dataset/make_demo_data.py models each vendor's tissue contrast, point
 spread, bias field and noise from the template's tissue maps, this maps the first vendor's scan itself:
 intensities (as a fraction of the scan's 99.5th percentile) through a gamma curve, a Gaussian blur, a smooth
-centre-bright bias field, a little Gaussian noise and a 4x intensity scale, with the background kept at 0.
+centre-bright bias field, a little Gaussian noise and a 4x intensity scale, inside the anatomy (utils/anatomy.py);
+the air outside it stays the input's (zero stays zero, noise stays noise), on the same scale.
 So the target is nearly a function of the input: a paired model can come close to it (PSNR near 30 dB),
 unlike the demo's Philips scans, whose own noise caps every method's SSIM near 0.85.
 """
@@ -21,6 +22,7 @@ from scipy import ndimage
 
 from utils.errors import UserError, run_cli
 from utils.paths import check_writable_folder
+from utils.anatomy import anatomy_mask, reference_region
 from utils.volume import list_nifti, load_volume, robust_max
 
 GAMMA = 1.5
@@ -30,15 +32,15 @@ NOISE = 0.01  # of the scan's 99.5th percentile, before the scale
 SCALE = 4000.0
 
 
-def shifted(data, rng):
-    """The second vendor's view of one scan (float array, background 0)."""
-    foreground = data > 0
-    unit = np.clip(data / robust_max(data), 0, None)
+def shifted(data, rng, path='the volume'):
+    """The second vendor's view of one scan (float array): the anatomy shifted, the air as it was."""
+    foreground = anatomy_mask(data, path)
+    unit = np.clip(data / robust_max(data, reference_region(data, foreground)), 0, None)
     out = ndimage.gaussian_filter(unit ** GAMMA, BLUR_SIGMA_VOXELS)
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape], indexing='ij')
     out *= 1 + BIAS * (1 - 2 * sum(g ** 2 for g in grid) / len(grid))
     out += rng.normal(0, NOISE, data.shape)
-    out[~foreground] = 0
+    out[~foreground] = unit[~foreground]
     return (SCALE * np.clip(out, 0, None)).astype(np.float32)
 
 

@@ -218,6 +218,14 @@ def test_mask_dir_sets_the_foreground(study, target_dir, tmp_path):
     common = ['--harmonized_dir', str(study['harmonized']), '--target_dir', str(target_dir),
               '--source_dir', str(study['source'])]
     evaluate.main([*common, '--output_dir', str(tmp_path / 'plain')])
+    # with --mask_dir every target scan needs its mask too (baselines fitted on mixed masks would mislead)
+    with pytest.raises(UserError, match='other_0.nii.gz: no mask other_0'):
+        evaluate.main([*common, '--mask_dir', str(masks), '--output_dir', str(tmp_path / 'masked')])
+    assert not (tmp_path / 'masked').exists()
+    for subject in range(3):
+        other = nib.load(str(target_dir / f'other_{subject}.nii.gz'))
+        nib.save(nib.Nifti1Image((np.asarray(other.dataobj) > 0).astype(np.uint8), other.affine),
+                 str(masks / f'other_{subject}_mask.nii.gz'))
     evaluate.main([*common, '--mask_dir', str(masks), '--output_dir', str(tmp_path / 'masked')])
     plain, masked = (pd.read_csv(tmp_path / name / 'metrics.csv').set_index(['volume', 'method'])
                      for name in ('plain', 'masked'))

@@ -372,8 +372,7 @@ def test_evaluate_with_one_usable_target_scan_warns_and_runs(study, tmp_path, ca
         shutil.copy(os.path.join(study['harmonized'], f'{stem(subject)}_harmonized.nii.gz'), harmonized)
     capsys.readouterr()
     failed = evaluate.main(['--harmonized_dir', str(harmonized), '--target_dir', str(target),
-                            '--source_dir', study['source'], '--mask_dir', study['masks'],
-                            '--output_dir', str(tmp_path / 'evaluation')])
+                            '--source_dir', study['source'], '--output_dir', str(tmp_path / 'evaluation')])
     out = capsys.readouterr().out
     assert failed == []
     warnings = [line for line in out.splitlines() if line.startswith('warning:')]

@@ -28,7 +28,7 @@ from skimage.filters import apply_hysteresis_threshold, threshold_multiotsu, thr
 
 from utils.errors import UserError
 
-ZERO_BACKGROUND_SHARE = 0.5  # of the border voxels exactly 0: the air has been set to zero
+ZERO_BACKGROUND_SHARE = 0.05  # of the volume exactly 0 and connected to its edge: the air has been set to zero
 NOISE_MULTIPLE = 2.5  # times the air's median (Rayleigh: ~2.9 sigma): noise rarely reaches it, dark tissue does
 MIN_CONTRAST = 3.0  # median anatomy over median air below this: the anatomy cannot be told from the noise
 MIN_SHARE, MAX_SHARE = 0.001, 0.98  # of the field of view: a head between these, else none was found
@@ -56,8 +56,15 @@ def _sample(values):
 
 
 def has_zero_background(data):
-    """True when most of the volume's border is exactly 0: the air was set to zero (or was never measured)."""
-    return float(np.mean(_border(data) == 0)) >= ZERO_BACKGROUND_SHARE
+    """True when the air was set to exactly 0 (a skull-stripped or masked scan): at least ZERO_BACKGROUND_SHARE of
+    the volume is exact zeros connected to its in-plane edge. The zeros that rounding leaves in the noise of an
+    integer image are scattered voxels, far too sparse to connect into such a region."""
+    zeros = np.asarray(data) == 0
+    if zeros.mean() < ZERO_BACKGROUND_SHARE:
+        return False
+    labels, _ = ndimage.label(zeros)
+    edge = np.unique(_border(labels))
+    return float(np.isin(labels, edge[edge > 0]).mean()) >= ZERO_BACKGROUND_SHARE
 
 
 def _largest_component(mask):
@@ -141,6 +148,26 @@ def require_mask(mask_dir, stem, scan_path, vendor=None, flag='--mask_dir'):
         raise MaskError(f'{scan_path}: no mask {stem}.nii.gz (or {stem}_mask.nii.gz) in {where}; add its mask '
                         f'or leave out {flag}')
     return path
+
+
+def anatomy_on_grid(image, path, grid=None, grid_data=None, mask_path=None):
+    """The anatomy of the scan `image` (canonical) read from `path`, on the grid (shape and affine) of the image
+    `grid`, where the scan's voxels are `grid_data` (the scan's own grid where None): its mask at mask_path, else
+    found in the scan (anatomy_mask). It is found on the scan's own grid
+    and carried onto another one by nearest neighbour, since resampling pads the field of view with zeros that
+    would read as a zero background; a zero-background scan keeps, on any grid, the rule it always had (the
+    non-zero voxels, a user's mask included only where they are non-zero)."""
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    zero_background = has_zero_background(data)
+    grid_data = data if grid is None else np.asarray(grid_data, dtype=np.float32)
+    if mask_path:
+        mask = read_mask(mask_path, image, path)
+        mask = mask if grid is None else resample_mask(mask, image, grid)
+        return mask & (grid_data > 0) if zero_background else mask
+    if zero_background:
+        return anatomy_mask(grid_data, path)
+    mask = anatomy_mask(data, path)
+    return mask if grid is None else resample_mask(mask, image, grid)
 
 
 def read_mask(mask_path, canonical_image, scan_path):

@@ -24,6 +24,7 @@ to that reference scan):
 - SSIM, PSNR, MAE, Detail (needs a reference): as utils.metrics computes them (higher, higher, lower, closer to 1).
 """
 import os
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -34,12 +35,12 @@ from skimage.filters import threshold_multiotsu
 from skimage.metrics import normalized_mutual_information
 from tqdm import tqdm
 
-from utils.errors import UserError
+from utils.anatomy import MaskError, anatomy_mask, anatomy_on_grid, read_mask, reference_region, require_mask
 from utils.bias_field import n4_correct
+from utils.errors import UserError
 from utils.metrics import fine_detail, foreground_values, vendor_distance, volume_metrics
 from utils.vendor_classifier import VendorClassifier, patch_features, target_share
-from utils.anatomy import anatomy_mask, find_mask, read_mask, reference_region
-from utils.volume import from_canonical, list_nifti, load_volume, nifti_stem, normalise, to_canonical
+from utils.volume import list_nifti, load_volume, nifti_stem, normalise, to_canonical
 
 HARMONIZED = 'harmonized'
 UNHARMONIZED = 'unharmonized'
@@ -97,47 +98,58 @@ def unit_volume(data, path, anatomy, region=None):
 
 
 def scan_anatomy(image, path, mask_dir=None, vendor=None):
-    """The anatomy of a canonical image: its mask in mask_dir where there is one (by the file's stem, in
-    mask_dir/<vendor>/ first), else found in the image (utils.anatomy)."""
-    mask_path = find_mask(mask_dir, nifti_stem(path), vendor) if mask_dir else None
-    if mask_path:
-        return read_mask(mask_path, image, path)
-    return anatomy_mask(np.asarray(image.dataobj, dtype=np.float32), path)
+    """The anatomy of a canonical image (utils.anatomy.anatomy_on_grid): with mask_dir, its mask there, which must
+    exist (named after the file, in mask_dir/<vendor>/ or mask_dir/; vendor by default the name of the file's
+    folder), else found in the image."""
+    mask_path = None
+    if mask_dir:
+        vendor = vendor or os.path.basename(os.path.dirname(os.path.abspath(path)))
+        mask_path = require_mask(mask_dir, nifti_stem(path), path, vendor)
+    return anatomy_on_grid(image, path, mask_path=mask_path)
 
 
 class TargetVendor:
     """The target vendor's scans: their pooled normalised foreground intensities (summarised by quantiles), Nyul
-    landmarks fitted on them (TorchIO's HistogramStandardization) and on their N4-corrected copies, their patch
-    features for the vendor classifier (utils.vendor_classifier), by subject, and one scan to show in the
-    figures."""
+    landmarks fitted on them (TorchIO's HistogramStandardization) and, with baselines=True (the default; off where
+    there is no source scan to apply them to), on their N4-corrected copies, and their patch features for the
+    vendor classifier (utils.vendor_classifier), by subject; and one scan to show in the figures."""
 
-    def __init__(self, target_dir, flag='--target_dir', mask_dir=None, vendor=None):
+    def __init__(self, target_dir, flag='--target_dir', mask_dir=None, vendor=None, baselines=True):
         if not os.path.isdir(target_dir):
             raise UserError(f'{flag} {target_dir}: no such folder')
         paths = list_nifti(target_dir)
         if not paths:
             raise UserError(f'{flag} {target_dir}: no .nii or .nii.gz files in it; give real target-vendor scans')
-        values, used, raw, corrected, masks, self.features = [], [], [], [], [], []
+        values, used, self.features = [], [], []
         self.example = None
-        for path in tqdm(paths, desc='target scans', unit='scan', leave=False):
-            try:
-                image = load_canonical(path)
-                anatomy = scan_anatomy(image, path, mask_dir, vendor)
-                unit = unit_volume(image.dataobj, path, anatomy)
-            except UserError as error:
-                tqdm.write(f'skipped target scan: {error}')
-                continue
-            values.append(foreground_values(unit[anatomy]))
-            used.append(path)
-            data = np.asarray(image.dataobj, dtype=np.float32)
-            raw.append(data)
-            corrected.append(n4_correct(data, anatomy, image.header.get_zooms()[:3]))
-            masks.append(anatomy)
-            self.features.append((subject_stem(path), patch_features(unit, anatomy)))
-            self.example = unit if self.example is None else self.example
-        if not used:
-            raise UserError(f'{flag} {target_dir}: none of its scans could be read (see above); give real '
-                            'target-vendor scans')
+        with tempfile.TemporaryDirectory() as folder:  # the volumes Nyul is fitted on, one at a time in memory
+            fitted = {'raw': [], 'N4': [], 'mask': []}
+            for path in tqdm(paths, desc='target scans', unit='scan', leave=False):
+                try:
+                    image = load_canonical(path)
+                    anatomy = scan_anatomy(image, path, mask_dir, vendor)
+                    unit = unit_volume(image.dataobj, path, anatomy)
+                except MaskError:
+                    raise  # with --mask_dir every target scan needs its mask: baselines fitted on mixed masks mislead
+                except UserError as error:
+                    tqdm.write(f'skipped target scan: {error}')
+                    continue
+                values.append(foreground_values(unit[anatomy]))
+                used.append(path)
+                data = np.asarray(image.dataobj, dtype=np.float32)
+                volumes = {'raw': data, 'mask': anatomy.astype(np.uint8)}
+                if baselines:
+                    volumes['N4'] = n4_correct(data, anatomy, image.header.get_zooms()[:3])
+                    self.features.append((subject_stem(path), patch_features(unit, anatomy)))
+                for kind, volume in volumes.items():
+                    fitted[kind].append(os.path.join(folder, f'{kind}_{len(used)}.nii'))
+                    nib.save(nib.Nifti1Image(volume, np.eye(4)), fitted[kind][-1])
+                self.example = unit if self.example is None else self.example
+            if not used:
+                raise UserError(f'{flag} {target_dir}: none of its scans could be read (see above); give real '
+                                'target-vendor scans')
+            self.landmarks = fit_nyul(fitted['raw'], fitted['mask'])
+            self.n4_landmarks = fit_nyul(fitted['N4'], fitted['mask']) if baselines else None
         self.paths = used
         if len(used) == 1:
             tqdm.write(f'warning: {flag} {target_dir} holds one usable scan; Nyul, N4 + Nyul, the pooled histogram and '
@@ -147,25 +159,15 @@ class TargetVendor:
         pooled = np.sort(np.concatenate(values))
         self.values = pooled[(2 * np.arange(TARGET_QUANTILES) + 1) * len(pooled) // (2 * TARGET_QUANTILES)] \
             if len(pooled) > TARGET_QUANTILES else pooled
-        self.landmarks = fit_nyul(raw, masks)
-        self.n4_landmarks = fit_nyul(corrected, masks)
         # Nyul's standard scale, in the target scans' own (normalised) intensities: their mean landmark range
         self.range = np.mean([np.quantile(v, NYUL_CUTOFF) for v in values], axis=0)
 
 
-def fit_nyul(volumes, masks):
-    """Nyul piecewise-linear landmarks (TorchIO's HistogramStandardization) fitted on the anatomy (`masks`) of
-    the volumes."""
-    import tempfile
+def fit_nyul(paths, mask_paths):
+    """Nyul piecewise-linear landmarks (TorchIO's HistogramStandardization) fitted on the anatomy (the masks at
+    mask_paths) of the volumes at paths."""
     import torchio
-    with tempfile.TemporaryDirectory() as folder:
-        paths, mask_paths = [], []
-        for index, (volume, mask) in enumerate(zip(volumes, masks)):
-            paths.append(os.path.join(folder, f'scan_{index}.nii'))
-            mask_paths.append(os.path.join(folder, f'mask_{index}.nii'))
-            nib.save(nib.Nifti1Image(np.asarray(volume, dtype=np.float32), np.eye(4)), paths[-1])
-            nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), mask_paths[-1])
-        return torchio.HistogramStandardization.train(paths, cutoff=NYUL_CUTOFF, mask_path=mask_paths, progress=False)
+    return torchio.HistogramStandardization.train(paths, cutoff=NYUL_CUTOFF, mask_path=mask_paths, progress=False)
 
 
 def nyul_standardise(data, mask, target, landmarks=None):
@@ -313,9 +315,10 @@ def evaluate_volume(stem, harmonized_path, target, source_path=None, reference_p
         volumes[UNHARMONIZED] = source
         if target is not None:
             volumes[NYUL] = unit_volume(nyul_standardise(raw_source, mask, target), source_path, mask, region)
-            corrected = n4_correct(raw_source, mask, others['source'].header.get_zooms()[:3])
-            volumes[N4_NYUL] = unit_volume(nyul_standardise(corrected, mask, target, target.n4_landmarks), source_path,
-                                           mask, region)
+            if target.n4_landmarks is not None:
+                corrected = n4_correct(raw_source, mask, others['source'].header.get_zooms()[:3])
+                volumes[N4_NYUL] = unit_volume(nyul_standardise(corrected, mask, target, target.n4_landmarks),
+                                               source_path, mask, region)
             volumes[TARGET_MATCHING] = unit_volume(match_to(raw_source, mask, target.values), source_path, mask,
                                                    region)
         if reference is not None:

@@ -58,8 +58,9 @@ class VendorClassifier:
         self.source, self.target = source, target
 
     def usable_without(self, subject):
-        """Whether a scan of each vendor is left once `subject` is held apart."""
-        return (any(name != subject for name, _ in self.source) and any(name != subject for name, _ in self.target))
+        """Whether patches of each vendor are left once `subject` is held apart."""
+        return (any(name != subject and len(f) for name, f in self.source)
+                and any(name != subject and len(f) for name, f in self.target))
 
     def fit_without(self, subject):
         """A fitted scikit-learn pipeline trained on every scan but `subject`'s, or None where a vendor has none."""

@@ -27,10 +27,9 @@ from tqdm import tqdm
 from utils.anatomy import require_mask
 from utils.cli import CliParser
 from utils.errors import UserError, run_cli
-from utils.evaluation import (TargetVendor, evaluate_volume, find_by_stem, source_features, subject_stem,
-                              write_table)
+from utils.evaluation import TargetVendor, evaluate_volume, source_features, subject_stem, write_table
 from utils.paths import check_writable_folder
-from utils.volume import list_nifti
+from utils.volume import find_by_stem, list_nifti
 
 
 def build_parser():

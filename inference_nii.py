@@ -40,12 +40,12 @@ from utils.cli import CliParser
 from utils.cpu_memory import keep_freed_memory
 from utils.device import AMP_CHOICES, amp_description, autocast, pick_device, resolve_amp
 from utils.errors import UserError, run_cli
-from utils.evaluation import TargetVendor, evaluate_volume, find_by_stem, source_features, write_table
+from utils.evaluation import TargetVendor, evaluate_volume, source_features, write_table
 from utils.paths import check_writable_folder
 from utils.anatomy import anatomy_on_grid, find_mask, reference_region, require_mask
-from utils.volume import (anatomy_only, axial_slices, denormalise, from_canonical, list_nifti, load_volume,
-                          nifti_stem, normalise, resample_onto, resample_to_spacing, save_like, stack_axial,
-                          to_canonical)
+from utils.volume import (anatomy_only, axial_slices, denormalise, find_by_stem, from_canonical, list_nifti,
+                          load_volume, nifti_stem, normalise, resample_onto, resample_to_spacing, save_like,
+                          stack_axial, to_canonical)
 
 # ---- edit these (or pass the flags of the same meaning) -------------------------------------------
 target_experiment = 'MyExperiment'            # a folder under save_root written by train.py

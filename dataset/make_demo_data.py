@@ -358,6 +358,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def report_written(args, paths, start):
+    """Say what was written where, and how long it took."""
+    shape = nib.as_closest_canonical(nib.load(paths[0])).shape
+    size_mb = sum(os.path.getsize(p) for p in paths) / 1024 ** 2
+    print(f'{args.subjects} paired subjects ({args.vendor1}, {args.vendor2}), '
+          f'{shape[0]}x{shape[1]}x{shape[2]} voxels of {args.voxel_size:g} mm (RAS), '
+          f'{len(paths)} files, {size_mb:.1f} MB, {time.time() - start:.1f} s')
+    print(f'written to {os.path.abspath(args.output_dir)}/{{{args.vendor1},{args.vendor2}}}/subj_*.nii.gz '
+          f'(brain masks in masks/{{{args.vendor1},{args.vendor2}}}/)')
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
@@ -367,13 +378,7 @@ def main(argv=None):
     except DemoDataError as error:
         print(f'make_demo_data.py: error: {error}', file=sys.stderr)
         sys.exit(2)
-    shape = nib.as_closest_canonical(nib.load(paths[0])).shape
-    size_mb = sum(os.path.getsize(p) for p in paths) / 1024 ** 2
-    print(f'{args.subjects} paired subjects ({args.vendor1}, {args.vendor2}), '
-          f'{shape[0]}x{shape[1]}x{shape[2]} voxels of {args.voxel_size:g} mm (RAS), '
-          f'{len(paths)} files, {size_mb:.1f} MB, {time.time() - start:.1f} s')
-    print(f'written to {os.path.abspath(args.output_dir)}/{{{args.vendor1},{args.vendor2}}}/subj_*.nii.gz '
-          f'(brain masks in masks/{{{args.vendor1},{args.vendor2}}}/)')
+    report_written(args, paths, start)
 
 
 if __name__ == '__main__':

@@ -55,7 +55,6 @@ affine.  Output is deterministic given --seed: subject i depends only on (seed, 
 on (seed, i, vendor), through torch.manual_seed and numpy generators.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -66,6 +65,9 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from tqdm import tqdm
 
+from dataset.make_demo_data import (DemoDataError, check_arguments, check_output_folder, remove_stale_volumes,
+                                    report_written)
+
 # Vendor acquisition models; see the table in the module docstring.
 VENDOR_MODELS = (
     dict(log_gamma=(0.25, 0.35), blur_std_mm=None, bias_coefficients=0.5, ghosting=None,
@@ -74,47 +76,9 @@ VENDOR_MODELS = (
          ghosting=dict(num_ghosts=(2, 4), axes=(1,), intensity=(0.15, 0.3)),  # axis 1 of the RAS grid is A-P
          noise=0.05, wm_level=2400.0, dtype=np.float32, scl_slope=None, orientations=('LPS', 'PIL')),
 )
-MIN_VOXEL_MM, MAX_VOXEL_MM = 1.0, 8.0
 CROP_MARGIN_MM = 16  # air kept around the template's brain mask (the template is 1 mm)
 WM_THRESHOLD = 0.8   # voxels with at least this WM probability define the white matter level
 INT16_MAX = np.iinfo(np.int16).max
-
-
-class StandinError(ValueError):
-    """Bad arguments or an output folder we refuse to touch; main() prints it as one line."""
-
-
-def check_arguments(output_dir, subjects, voxel_size, vendor1, vendor2):
-    """Raise StandinError for arguments that cannot give a usable paired data set."""
-    if not isinstance(subjects, (int, np.integer)) or subjects < 2:
-        raise StandinError(f'--subjects must be an integer >= 2 (got {subjects}); '
-                           'a paired data set needs at least one training and one test subject')
-    if not math.isfinite(voxel_size) or not MIN_VOXEL_MM <= voxel_size <= MAX_VOXEL_MM:
-        raise StandinError(f'--voxel_size must be between {MIN_VOXEL_MM:g} and {MAX_VOXEL_MM:g} mm '
-                           f'(got {voxel_size:g}); the template is 1 mm')
-    for name in (vendor1, vendor2):
-        if not name or name in ('.', '..', 'masks') or '/' in name or os.sep in name:
-            raise StandinError(f'vendor name {name!r} is not a plain folder name (nor "masks")')
-    if vendor1 == vendor2:
-        raise StandinError(f'--vendor1 and --vendor2 are both {vendor1!r}; give two different names')
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise StandinError(f'{output_dir} exists and is not a folder; choose another --output_dir')
-
-
-def check_output_folder(output_dir, overwrite):
-    """Refuse a non-empty output folder unless overwrite is set."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise StandinError(f'{output_dir} is not empty; pass --overwrite to replace its volumes '
-                           'or choose an empty --output_dir')
-
-
-def remove_stale_volumes(folders):
-    """Delete earlier subj_*.nii.gz so a rerun with fewer subjects leaves no unpaired files."""
-    for folder in folders:
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.startswith('subj_') and name.endswith('.nii.gz'):
-                    os.remove(os.path.join(folder, name))
 
 
 def load_template():
@@ -288,16 +252,10 @@ def main(argv=None):
     try:
         paths = make_standin_data(args.output_dir, args.subjects, args.voxel_size, args.vendor1, args.vendor2,
                                   args.seed, overwrite=args.overwrite)
-    except StandinError as error:
+    except DemoDataError as error:
         print(f'torchio_standin.py: error: {error}', file=sys.stderr)
         sys.exit(2)
-    shape = nib.as_closest_canonical(nib.load(paths[0])).shape
-    size_mb = sum(os.path.getsize(p) for p in paths) / 1024 ** 2
-    print(f'{args.subjects} paired subjects ({args.vendor1}, {args.vendor2}), '
-          f'{shape[0]}x{shape[1]}x{shape[2]} voxels of {args.voxel_size:g} mm (RAS), '
-          f'{len(paths)} files, {size_mb:.1f} MB, {time.time() - start:.1f} s')
-    print(f'written to {os.path.abspath(args.output_dir)}/{{{args.vendor1},{args.vendor2}}}/subj_*.nii.gz '
-          f'(brain masks in masks/{{{args.vendor1},{args.vendor2}}}/)')
+    report_written(args, paths, start)
 
 
 if __name__ == '__main__':

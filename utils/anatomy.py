@@ -130,14 +130,9 @@ def reference_region(data, anatomy):
 def find_mask(mask_dir, stem, vendor=None):
     """The mask file of the scan `stem` in mask_dir (mask_dir/<vendor>/ first where a vendor is given), named
     `{stem}` or `{stem}_mask` (also `_brainmask`, `_brain_mask`), .nii.gz or .nii; None where there is none."""
+    from utils.volume import find_by_stem  # volume.py imports this module
     folders = ([os.path.join(mask_dir, vendor)] if vendor else []) + [mask_dir]
-    for folder in folders:
-        for suffix in MASK_SUFFIXES:
-            for extension in ('.nii.gz', '.nii'):
-                path = os.path.join(folder, stem + suffix + extension)
-                if os.path.isfile(path):
-                    return path
-    return None
+    return next((path for path in (find_by_stem(folder, stem, MASK_SUFFIXES) for folder in folders) if path), None)
 
 
 def require_mask(mask_dir, stem, scan_path, vendor=None, flag='--mask_dir'):

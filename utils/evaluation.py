@@ -40,7 +40,7 @@ from utils.bias_field import n4_correct
 from utils.errors import UserError
 from utils.metrics import fine_detail, foreground_values, vendor_distance, volume_metrics
 from utils.vendor_classifier import VendorClassifier, patch_features, target_share
-from utils.volume import list_nifti, load_volume, nifti_stem, normalise, to_canonical
+from utils.volume import find_by_stem, list_nifti, load_volume, nifti_stem, normalise, to_canonical
 
 HARMONIZED = 'harmonized'
 UNHARMONIZED = 'unharmonized'
@@ -55,16 +55,6 @@ TARGET_QUANTILES = 100_000
 NYUL_CUTOFF = (0.01, 0.99)  # TorchIO's default quantiles of the first and last landmark
 GRID_TOLERANCE_MM = 0.01
 OUTPUT_SUFFIX = '_harmonized'
-
-
-def find_by_stem(folder, stem, suffixes=('',)):
-    """The NIfTI `{stem}{suffix}.nii(.gz)` in folder, first suffix first, or None."""
-    for suffix in suffixes:
-        for extension in ('.nii.gz', '.nii'):
-            path = os.path.join(folder, stem + suffix + extension)
-            if os.path.exists(path):
-                return path
-    return None
 
 
 def subject_stem(path):

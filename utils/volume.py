@@ -44,6 +44,16 @@ def list_nifti(folder):
                   if name.endswith(NIFTI_SUFFIXES) and not name.startswith('.'))
 
 
+def find_by_stem(folder, stem, suffixes=('',)):
+    """The NIfTI `{stem}{suffix}.nii(.gz)` in folder, first suffix first, or None."""
+    for suffix in suffixes:
+        for extension in ('.nii.gz', '.nii'):
+            path = os.path.join(folder, stem + suffix + extension)
+            if os.path.exists(path):
+                return path
+    return None
+
+
 def one_line(error):
     """An exception's text folded onto one line."""
     return ' '.join(str(error).split()) or type(error).__name__

@@ -298,6 +298,14 @@ def mask_nifti(mask, vendor_index, subject_index, affine):
     return img
 
 
+def save_scan(scan, mask, folder, mask_dir, name):
+    """Write a scan to folder/name and its brain mask to mask_dir/name; returns the scan's path."""
+    path = os.path.join(folder, name)
+    nib.save(scan, path)
+    nib.save(mask, os.path.join(mask_dir, name))
+    return path
+
+
 def make_demo_data(output_dir, subjects=12, voxel_size=2.0, vendor1='SIEMENS', vendor2='Philips', seed=0,
                    overwrite=False, background='noise', head=False):
     """Write the paired demo volumes and their brain masks; return the volumes' paths (vendor1's, then
@@ -332,10 +340,9 @@ def make_demo_data(output_dir, subjects=12, voxel_size=2.0, vendor1='SIEMENS', v
         anatomy = subject_anatomy(maps, template_affine, brain_centre, shape, affine, anatomy_rng, head)
         for v, (folder, mask_dir, name) in enumerate(zip(vendor_dirs, mask_dirs, (vendor1, vendor2))):
             image = acquire(anatomy, v, texture_coefs, affine, brain_centre, vendor_rngs[v], background)
-            path = os.path.join(folder, f'subj_{subject + 1:0{width}d}.nii.gz')
-            nib.save(to_nifti(image, v, subject, name, affine), path)
-            nib.save(mask_nifti(anatomy['mask'], v, subject, affine), os.path.join(mask_dir, os.path.basename(path)))
-            paths[v].append(path)
+            paths[v].append(save_scan(to_nifti(image, v, subject, name, affine),
+                                      mask_nifti(anatomy['mask'], v, subject, affine), folder, mask_dir,
+                                      f'subj_{subject + 1:0{width}d}.nii.gz'))
     return paths[0] + paths[1]
 
 

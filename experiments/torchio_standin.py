@@ -66,7 +66,7 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 from tqdm import tqdm
 
 from dataset.make_demo_data import (DemoDataError, check_arguments, check_output_folder, remove_stale_volumes,
-                                    report_written)
+                                    report_written, save_scan)
 
 # Vendor acquisition models; see the table in the module docstring.
 VENDOR_MODELS = (
@@ -224,10 +224,9 @@ def make_standin_data(output_dir, subjects=16, voxel_size=2.0, vendor1='SIEMENS'
         for v, (folder, mask_dir, name) in enumerate(zip(vendor_dirs, mask_dirs, (vendor1, vendor2))):
             torch_seq, noise_seq = vendor_seqs[v].spawn(2)
             image = acquire(anatomy, affine, v, int(torch_seq.generate_state(1)[0]), np.random.default_rng(noise_seq))
-            path = os.path.join(folder, f'subj_{subject + 1:0{width}d}.nii.gz')
-            nib.save(to_nifti(image, v, subject, name, affine), path)
-            nib.save(mask_nifti(anatomy['mask'], v, subject, affine), os.path.join(mask_dir, os.path.basename(path)))
-            paths[v].append(path)
+            paths[v].append(save_scan(to_nifti(image, v, subject, name, affine),
+                                      mask_nifti(anatomy['mask'], v, subject, affine), folder, mask_dir,
+                                      f'subj_{subject + 1:0{width}d}.nii.gz'))
     return paths[0] + paths[1]
 
 
